@@ -1,0 +1,1 @@
+"""Streaming calibration: rotations, weight quantization, checkpoint export."""

@@ -1,0 +1,190 @@
+"""Online ConQuR: learn R1 and R2 mini-batch by mini-batch through the (fake-)quantized model.
+
+Each step runs one mini-batch through the model with the current rotations fused (and, by default, weights,
+activations and KV fake-quantized), folds the normalized site vectors into each site's d x d moment, re-solves
+the rotations by Procrustes and fuses the *change* of rotation into the weights (in float64). Only the current
+mini-batch's vectors exist at any time; the state kept across steps is one moment per site.
+
+Sites: R1 pools the residual-stream inputs of both RMSNorms of every layer and of the final norm, plus (joint
+objective, ``weight_mu`` > 0) the normalized rows of the reader weights q/k/v/gate/up, which R1 rotates exactly
+like the activations. R2 has one site per layer and KV head, pooling that head's value vectors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from conqur_vllm import fake_quant
+from conqur_vllm.calibration.options import ConqurOptions
+from conqur_vllm.models.adapters import ModelAdapter
+from conqur_vllm.quant import QuantSpec
+from conqur_vllm.rotation.conqur import CornerSite, corner_objective, normalize_rows
+from conqur_vllm.rotation.fuse import rotate_residual, rotate_values
+from conqur_vllm.rotation.rotations import Rotations, head_dim_of
+
+MAX_WEIGHT_ROWS = 32768
+
+
+@dataclass
+class StepLog:
+    step: int
+    seconds: float
+    r1_before: float
+    r1_after: float
+    r2_before: float
+    r2_after: float
+
+    def line(self) -> str:
+        return (f"conqur step {self.step:3d}: R1 objective {self.r1_before:.4f} -> {self.r1_after:.4f}, "
+                f"R2 {self.r2_before:.4f} -> {self.r2_after:.4f} ({self.seconds:.1f}s)")
+
+
+@dataclass
+class LearnReport:
+    steps: list[StepLog] = field(default_factory=list)
+    r1_initial: float | None = None
+    r2_initial: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"r1_objective_initial": self.r1_initial, "r2_objective_initial": self.r2_initial,
+                "steps": [s.__dict__ for s in self.steps]}
+
+
+def reader_weight_rows(model: nn.Module, adapter: ModelAdapter, r1: torch.Tensor, seed: int) -> torch.Tensor:
+    """Normalized reader weight rows in the original (un-rotated) coordinates, sub-sampled to a fixed cap."""
+    rows = [layer.get_submodule(p).weight.detach() for layer in adapter.decoder_layers(model)
+            for p in (*adapter.attn_readers, *adapter.mlp_readers)]
+    w = torch.cat(rows).to(torch.float64)
+    if w.shape[0] > MAX_WEIGHT_ROWS:
+        idx = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:MAX_WEIGHT_ROWS]
+        w = w[idx]
+    return normalize_rows(w) @ r1.to(torch.float64).T
+
+
+class _SiteRecorder:
+    """Forward hooks that collect one mini-batch's R1 and R2 site vectors (rotated coordinates)."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, n_kv: int, head_dim: int) -> None:
+        self.residual: list[torch.Tensor] = []
+        self.values: dict[int, torch.Tensor] = {}
+        self.handles = []
+        norms = []
+        for layer in adapter.decoder_layers(model):
+            norms += [layer.get_submodule(adapter.attn_norm), layer.get_submodule(adapter.mlp_norm)]
+        norms.append(model.get_submodule(adapter.final_norm))
+        for norm in norms:
+            self.handles.append(norm.register_forward_pre_hook(self._record_residual))
+        for li, layer in enumerate(adapter.decoder_layers(model)):
+            def grab(_m, _args, out, _li=li):
+                self.values[_li] = out.detach().reshape(-1, n_kv, head_dim)
+            self.handles.append(layer.get_submodule(adapter.v_proj).register_forward_hook(grab))
+
+    def _record_residual(self, _module, args):
+        self.residual.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    def clear(self) -> None:
+        self.residual.clear()
+        self.values.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _token_weights(x: torch.Tensor, massive_weight: float) -> torch.Tensor | None:
+    if massive_weight == 1.0:
+        return None
+    norms = x.norm(dim=-1)
+    return torch.where(norms > 8 * norms.median(), massive_weight, 1.0).to(torch.float64)
+
+
+def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, batches: list[torch.Tensor],
+                    opts: ConqurOptions, *, weight_spec: QuantSpec | None, clip_search: bool = True,
+                    seed: int = 0, device: torch.device | str = "cpu", progress: bool = True,
+                    on_step: Callable[[StepLog], None] | None = None) -> tuple[Rotations, LearnReport]:
+    """Run ``opts.steps`` online updates over ``batches`` (cycled); the model ends with the learned rotations fused.
+
+    ``rot`` must already be applied to ``model`` (:func:`conqur_vllm.rotation.apply_rotations`).
+    ``weight_spec``: weights are RTN fake-quantized in the forward when given and ``opts.quantized_forward``.
+    """
+    cfg = model.config
+    n_layers = len(adapter.decoder_layers(model))
+    n_kv, hd = cfg.num_key_value_heads, head_dim_of(cfg)
+    r2_init = rot.r2.to(torch.float64)
+    r2_init = r2_init.expand(n_layers, n_kv, hd, hd) if r2_init.dim() == 2 else r2_init
+    site1 = CornerSite(rot.r1.to(torch.float64).clone(), opts.accumulate, opts.ema_decay)
+    sites2 = [[CornerSite(r2_init[li, h].clone(), opts.accumulate, opts.ema_decay) for h in range(n_kv)]
+              for li in range(n_layers)] if opts.learn_r2 else []
+    rows = reader_weight_rows(model, adapter, site1.rotation, seed) if opts.weight_mu > 0 else None
+    quantized = opts.quantized_forward
+    saved_act = {m: m.act for m in model.modules() if isinstance(m, fake_quant.QuantLinear)}
+    saved_attn = [layer.get_submodule(adapter.attention).conqur_attention
+                  for layer in adapter.decoder_layers(model)]
+    if not quantized:
+        fake_quant.set_activation_quant(model, fake_quant.ActQuant(bits=None))
+        fake_quant.set_attention(model, adapter, fake_quant.AttentionSim(r3=rot.r3))
+    recorder = _SiteRecorder(model, adapter, n_kv, hd)
+    report = LearnReport()
+    try:
+        bar = tqdm(range(opts.steps), desc="conqur rotations", disable=not progress)
+        for step in bar:
+            t0 = time.perf_counter()
+            if quantized and weight_spec is not None:
+                fake_quant.set_weight_fake_quant(model, weight_spec, clip_search)
+            recorder.clear()
+            with torch.no_grad():
+                model(batches[step % len(batches)].to(device), use_cache=False)
+            old_r1 = site1.rotation
+            x1 = torch.cat(recorder.residual)
+            u1 = normalize_rows(x1) @ old_r1.T
+            w1 = _token_weights(x1, opts.massive_token_weight)
+            extra = opts.weight_mu * u1.shape[0] if rows is not None else 0.0
+            b1, a1 = site1.update(u1, weights=w1, extra_u=rows, extra_scale=extra, alternations=opts.alternations)
+            if report.r1_initial is None:
+                report.r1_initial = b1
+            delta1 = old_r1.T @ site1.rotation
+            b2s, a2s = [], []
+            if sites2:
+                deltas = torch.empty(n_layers, n_kv, hd, hd, dtype=torch.float64)
+                for li in range(n_layers):
+                    v = recorder.values[li]
+                    for h in range(n_kv):
+                        site = sites2[li][h]
+                        old = site.rotation
+                        u2 = normalize_rows(v[:, h]) @ old.T
+                        b2, a2 = site.update(u2, alternations=opts.alternations)
+                        b2s.append(b2)
+                        a2s.append(a2)
+                        deltas[li, h] = old.T @ site.rotation
+                if report.r2_initial is None:
+                    report.r2_initial = sum(b2s) / len(b2s)
+            rotate_residual(model, adapter, delta1)
+            if sites2:
+                rotate_values(model, adapter, deltas)
+            log = StepLog(step, time.perf_counter() - t0, b1, a1,
+                          sum(b2s) / max(len(b2s), 1), sum(a2s) / max(len(a2s), 1))
+            report.steps.append(log)
+            if progress:
+                bar.write(log.line())
+            if on_step is not None:
+                on_step(log)
+    finally:
+        recorder.remove()
+        fake_quant.set_weight_fake_quant(model, None)
+        for m, act in saved_act.items():
+            m.act = act
+        for layer, att in zip(adapter.decoder_layers(model), saved_attn):
+            layer.get_submodule(adapter.attention).conqur_attention = att
+    r2 = torch.stack([torch.stack([s.rotation for s in row]) for row in sites2]) if sites2 else rot.r2
+    return Rotations(r1=site1.rotation, r2=r2, r3=rot.r3, r4=rot.r4, r4_block=rot.r4_block), report
+
+
+def objective_of(model_inputs: torch.Tensor, rotation: torch.Tensor) -> float:
+    """Mean corner objective of raw vectors under ``rotation`` (for reports)."""
+    return corner_objective(normalize_rows(model_inputs), rotation)

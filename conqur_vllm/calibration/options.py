@@ -1,0 +1,53 @@
+"""The one options object of a calibration run (CLI flags and the Python API map onto it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ConqurOptions(BaseModel):
+    """Knobs of the ConQuR rotation learner (defaults chosen by measurement, see benchmarks/RESULTS.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=8, ge=0, description="online mini-batch updates of the rotations")
+    batch_size: int = Field(default=4, ge=1, description="sequences per online mini-batch")
+    alternations: int = Field(default=3, ge=1, description="corner/Procrustes alternations per mini-batch")
+    accumulate: Literal["sum", "ema"] = "sum"
+    ema_decay: float = Field(default=0.5, gt=0.0, lt=1.0)
+    weight_mu: float = Field(default=2.0, ge=0.0, description="weight of reader weight rows in the R1 objective")
+    learn_r2: bool = True
+    quantized_forward: bool = True
+    massive_token_weight: float = Field(default=1.0, gt=0.0, description="weight of tokens > 8x median norm")
+
+
+class CalibrationOptions(BaseModel):
+    """Everything that decides a checkpoint's content (also the resume fingerprint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["conqur", "quarot", "none"] = "conqur"
+    w_bits: Literal[4, 8, 16] = 4
+    a_bits: Literal[4, 8, 16] = 4
+    kv_bits: Literal[4, 8, 16] = 4
+    weight_quantizer: Literal["gptq", "rtn"] = "gptq"
+    group_size: int | None = None
+    clip_search: bool = True
+    a_clip: float = Field(default=0.9, gt=0.0, le=1.0)
+    kv_clip: float = Field(default=0.95, gt=0.0, le=1.0)
+    samples: int = Field(default=32, ge=1)
+    seq_len: int = Field(default=512, ge=16)
+    calib_text: str = "c4"
+    seed: int = 0
+    r4_block: int | None = None
+    device: str = "cpu"
+    conqur: ConqurOptions = ConqurOptions()
+
+    def fingerprint(self, source: str) -> str:
+        """Hash of the options and the source model, to refuse resuming a different run."""
+        payload = json.dumps({"options": self.model_dump(exclude={"device"}), "source": source}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]

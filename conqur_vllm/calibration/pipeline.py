@@ -1,0 +1,119 @@
+"""From a Hugging Face folder to a rotated, weight-quantized, fake-quant-wrapped model (one direction).
+
+HF model -> adapter -> fold norms + initial rotations -> (ConQuR: learn R1/R2 online) -> weights (GPTQ/RTN).
+The result is what the checkpoint stores and what the evaluation harness measures.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from conqur_vllm import fake_quant
+from conqur_vllm.calibration.layerwise import quantize_weights
+from conqur_vllm.calibration.learn_rotations import LearnReport, learn_rotations
+from conqur_vllm.calibration.options import CalibrationOptions
+from conqur_vllm.models.adapters import get_adapter
+from conqur_vllm.quant import QuantizedTensor, QuantSpec
+from conqur_vllm.rotation.rotations import Rotations, apply_rotations, head_dim_of, quarot_rotations
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot run with these inputs; the message says how to fix them."""
+
+
+@dataclass
+class CalibrationResult:
+    model: nn.Module
+    tokenizer: object
+    rotations: Rotations
+    qweights: dict[str, QuantizedTensor]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    learn_report: LearnReport | None = None
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a local HF causal LM and its tokenizer, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CalibrationError(f"{model_dir} has no config.json: pass a Hugging Face model folder")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    get_adapter(model.config)  # fail at once for unsupported families
+    return model, tokenizer
+
+
+def calibration_batches(tokenizer, text: str, samples: int, seq_len: int, batch_size: int,
+                        seed: int) -> list[torch.Tensor]:
+    """``samples`` windows of ``seq_len`` tokens (seeded choice among all windows), grouped in batches."""
+    from conqur_vllm.eval.perplexity import tokenize_windows  # noqa: PLC0415
+
+    windows = tokenize_windows(tokenizer, text, seq_len)
+    if windows.shape[0] < samples:
+        raise CalibrationError(
+            f"the calibration text has only {windows.shape[0]} windows of {seq_len} tokens but {samples} samples "
+            "were asked for; lower --samples or --seq-len, or pass a longer --calib-text"
+        )
+    pick = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
+    chosen = windows[pick.sort().values]
+    return list(chosen.split(batch_size))
+
+
+def weight_spec(opts: CalibrationOptions) -> QuantSpec | None:
+    return None if opts.w_bits >= 16 else QuantSpec(bits=opts.w_bits, symmetric=True, group_size=opts.group_size)
+
+
+def initial_rotations(model: nn.Module, opts: CalibrationOptions) -> Rotations:
+    if opts.method == "none":
+        return Rotations(r1=None, r2=None, r3=False, r4=False)
+    return quarot_rotations(model.config, seed=opts.seed, r4_block=opts.r4_block)
+
+
+def set_quantizers(model: nn.Module, opts: CalibrationOptions, r3: bool) -> None:
+    """Switch on activation and KV fake-quant as the options say."""
+    adapter = get_adapter(model.config)
+    act_bits = None if opts.a_bits >= 16 else opts.a_bits
+    kv_bits = None if opts.kv_bits >= 16 else opts.kv_bits
+    fake_quant.set_activation_quant(model, fake_quant.ActQuant(bits=act_bits, clip_ratio=opts.a_clip))
+    kv = fake_quant.KVQuant(bits=kv_bits, symmetric=False, clip_ratio=opts.kv_clip,
+                            group_size=head_dim_of(model.config))
+    fake_quant.set_attention(model, adapter, fake_quant.AttentionSim(r3=r3, kv=kv))
+
+
+def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib_text: str, *,
+                    progress: bool = True, on_layer=None, on_step=None) -> CalibrationResult:
+    """Rotate (and learn rotations), switch on the quantizers and quantize the weights of ``model`` in place."""
+    adapter = get_adapter(model.config)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    rot = initial_rotations(model, opts)
+    apply_rotations(model, adapter, rot)
+    set_quantizers(model, opts, r3=rot.r3)
+    times["rotate"] = time.perf_counter() - t0
+    needs_data = opts.method == "conqur" or (opts.w_bits < 16 and opts.weight_quantizer == "gptq")
+    batches = (calibration_batches(tokenizer, calib_text, opts.samples, opts.seq_len, opts.conqur.batch_size,
+                                   opts.seed) if needs_data else [])
+    report = None
+    if opts.method == "conqur":
+        t0 = time.perf_counter()
+        rot, report = learn_rotations(model, adapter, rot, batches, opts.conqur, weight_spec=weight_spec(opts),
+                                      clip_search=opts.clip_search, seed=opts.seed, device=opts.device,
+                                      progress=progress, on_step=on_step)
+        times["learn_rotations"] = time.perf_counter() - t0
+    qweights: dict[str, QuantizedTensor] = {}
+    spec = weight_spec(opts)
+    if spec is not None:
+        t0 = time.perf_counter()
+        qweights = quantize_weights(model, adapter, spec, method=opts.weight_quantizer, calib_batches=batches,
+                                    clip_search=opts.clip_search, device=opts.device, progress=progress,
+                                    on_layer=on_layer)
+        times["quantize_weights"] = time.perf_counter() - t0
+    return CalibrationResult(model, tokenizer, rot, qweights, times, report)

@@ -1,0 +1,122 @@
+"""``calibrate()``: the Python API behind ``conqur calibrate`` (one function, one options object)."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conqur_vllm import __version__, assets
+from conqur_vllm.calibration import pipeline
+from conqur_vllm.calibration.export import export_checkpoint
+from conqur_vllm.calibration.layerwise import quantize_weights
+from conqur_vllm.calibration.learn_rotations import learn_rotations
+from conqur_vllm.calibration.metrics import activation_sqnr
+from conqur_vllm.calibration.options import CalibrationOptions
+from conqur_vllm.calibration.progress import ProgressMetrics
+from conqur_vllm.calibration.resume import CalibrationState
+from conqur_vllm.models.adapters import get_adapter
+from conqur_vllm.quant import dequantize
+from conqur_vllm.rotation.rotations import apply_rotations
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def calibration_text(name_or_path: str) -> str:
+    """A named exllamav2 text (``c4``, ``wiki``...) or the contents of a local text file."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    return assets.load_text(name_or_path)
+
+
+def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: CalibrationOptions | None = None, *,
+              progress: bool = True, resume: bool = False, metrics_port: int | None = None) -> Path:
+    """Calibrate ``model_dir`` (None: the embedded SmolLM2-135M-Instruct) and write a checkpoint to ``out_dir``."""
+    opts = options or CalibrationOptions()
+    t_start = time.perf_counter()
+    source = Path(model_dir) if model_dir is not None else assets.smollm2_dir()
+    text = calibration_text(opts.calib_text)
+    state = CalibrationState(out_dir, opts.fingerprint(str(source.resolve())), resume)
+    torch.manual_seed(opts.seed)
+    model, tokenizer = pipeline.load_model(source)
+    adapter = get_adapter(model.config)
+    n_layers = len(adapter.decoder_layers(model))
+    metrics = ProgressMetrics(metrics_port, total_layers=n_layers)
+    times: dict[str, float] = {}
+    try:
+        batches = pipeline.calibration_batches(tokenizer, text, opts.samples, opts.seq_len,
+                                               opts.conqur.batch_size, opts.seed)
+        saved = state.load_rotations()
+        learn_report = None
+        if saved is not None:
+            rot, learn_report = saved
+        else:
+            rot = pipeline.initial_rotations(model, opts)
+            if opts.method == "conqur":
+                metrics.set_stage("learn_rotations")
+                t0 = time.perf_counter()
+                apply_rotations(model, adapter, rot)
+                pipeline.set_quantizers(model, opts, r3=rot.r3)
+                rot, report = learn_rotations(model, adapter, rot, batches, opts.conqur,
+                                              weight_spec=pipeline.weight_spec(opts), clip_search=opts.clip_search,
+                                              seed=opts.seed, device=opts.device, progress=progress,
+                                              on_step=metrics.on_step)
+                learn_report = report.to_dict()
+                times["learn_rotations"] = time.perf_counter() - t0
+                model, tokenizer = pipeline.load_model(source)  # fuse the final rotations into fresh weights
+            state.save_rotations(rot, learn_report)
+        apply_rotations(model, adapter, rot)
+        pipeline.set_quantizers(model, opts, r3=rot.r3)
+
+        metrics.set_stage("quantize_weights")
+        t0 = time.perf_counter()
+        start, done, hidden = state.load_layers()
+        layers = adapter.decoder_layers(model)
+        for name, qt in done.items():
+            lin = model.get_submodule(name).linear
+            with torch.no_grad():
+                lin.weight.copy_(dequantize(qt, torch.float64).to(lin.weight.dtype))
+
+        def on_layer(index, qts, report, hidden_states):
+            state.save_layer(index, qts, hidden_states)
+            metrics.on_layer(index)
+
+        qweights = dict(done)
+        if start < len(layers):
+            qweights.update(quantize_weights(
+                model, adapter, pipeline.weight_spec(opts), method=opts.weight_quantizer, calib_batches=batches,
+                clip_search=opts.clip_search, device=opts.device, progress=progress, on_layer=on_layer,
+                start_layer=start, resume_hidden=hidden))
+        times["quantize_weights"] = time.perf_counter() - t0
+
+        metrics.set_stage("export")
+        result = pipeline.CalibrationResult(model, tokenizer, rot, qweights)
+        sqnr = activation_sqnr(model, adapter, batches[0][:1])
+        times["total"] = time.perf_counter() - t_start
+        report = {
+            "options": opts.model_dump(),
+            "source_model": str(source),
+            "rotation_objective": learn_report,
+            "activation_sqnr_db": sqnr,
+            "stage_seconds": times,
+            "samples_used": opts.samples,
+            "tokens_used": opts.samples * opts.seq_len,
+            "peak_rss_mb": peak_rss_mb(),
+            "versions": {"conqur_vllm": __version__, "torch": torch.__version__,
+                         "python": sys.version.split()[0], "platform": platform.platform()},
+        }
+        path = export_checkpoint(result, opts, out_dir, source_dir=source, report=report)
+        state.remove()
+        if progress:
+            print(f"wrote {path} in {times['total']:.1f}s, peak RSS {peak_rss_mb():.0f} MiB", file=sys.stderr)
+        return path
+    finally:
+        metrics.close()

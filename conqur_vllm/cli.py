@@ -1,0 +1,123 @@
+"""The ``conqur`` command: calibrate, eval, serve, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = "out/smollm2-conqur-w4a4kv4"
+
+
+def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=["conqur", "quarot", "none"], default="conqur")
+    p.add_argument("--w-bits", type=int, choices=[4, 8], default=4)
+    p.add_argument("--a-bits", type=int, choices=[4, 8, 16], default=4)
+    p.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=4)
+    p.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default="gptq")
+    p.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
+    p.add_argument("--samples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--calib-text", default="c4", help="exllamav2 text name (c4, wiki, ...) or a .txt path")
+    p.add_argument("--device", default="cpu", help="compute device, one decoder layer at a time (cpu, cuda)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--r4-block", type=int, default=None,
+                   help="block size of the down_proj Hadamard (tensor parallel: intermediate/TP or smaller)")
+    p.add_argument("--steps", type=int, default=None, help="ConQuR online updates")
+
+
+def _options(args):
+    from conqur_vllm.calibration.options import CalibrationOptions, ConqurOptions  # noqa: PLC0415
+
+    conqur = ConqurOptions() if args.steps is None else ConqurOptions(steps=args.steps)
+    return CalibrationOptions(
+        method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
+        weight_quantizer=args.weight_quantizer, group_size=args.group_size, samples=args.samples,
+        seq_len=args.seq_len, calib_text=args.calib_text, device=args.device, seed=args.seed,
+        r4_block=args.r4_block, conqur=conqur)
+
+
+def cmd_calibrate(args) -> None:
+    from conqur_vllm.calibration.run import calibrate  # noqa: PLC0415
+
+    calibrate(args.model_dir, args.output, _options(args), resume=args.resume, metrics_port=args.metrics_port)
+
+
+def cmd_eval(args) -> None:
+    from conqur_vllm.eval.report import evaluate_path  # noqa: PLC0415
+
+    result = evaluate_path(args.model, seq_len=args.seq_len, windows=args.windows, tasks=args.tasks,
+                           limit=args.limit)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_serve(args, passthrough: list[str]) -> None:
+    from conqur_vllm.serving import serve  # noqa: PLC0415
+
+    serve(args.checkpoint, host=args.host, port=args.port, vllm_args=passthrough)
+
+
+def cmd_demo(args) -> None:
+    from conqur_vllm.demo import run_demo  # noqa: PLC0415
+
+    run_demo(out_dir=args.output, serve=not args.no_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conqur", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("calibrate", help="learn rotations, quantize weights, write a W4A4 checkpoint")
+    p.add_argument("model_dir", nargs="?", default=None, help="HF model folder (default: embedded SmolLM2-135M)")
+    p.add_argument("-o", "--output", default=DEFAULT_OUT)
+    _add_calibration_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same options")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve live progress for Prometheus")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="perplexity (and zero-shot) of a model folder or conqur checkpoint")
+    p.add_argument("model")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (piqa,arc_easy,...)")
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI server (extra flags go to vLLM)")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="calibrate the embedded SmolLM2, compare perplexities, serve and ask it")
+    p.add_argument("-o", "--output", default=DEFAULT_OUT)
+    p.add_argument("--no-serve", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from conqur_vllm.errors import USER_ERRORS  # noqa: PLC0415
+
+    try:
+        if args.command == "serve":
+            args.func(args, rest)
+        else:
+            args.func(args)
+    except USER_ERRORS as exc:
+        print(f"conqur {args.command}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"conqur {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The checkpoint contract: the versioned ``quantization_config`` schema in ``config.json``.
+
+The calibrator writes a checkpoint only through :class:`ConqurQuantConfig` and the vLLM plugin reads it only
+through the same class. Unknown fields or an unknown version are rejected with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+QUANT_METHOD = "conqur"
+
+
+class CheckpointConfigError(ValueError):
+    """A checkpoint's quantization_config cannot be used; the message says what and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightQuantArgs(_Strict):
+    """INT weights, stored packed (compressed-tensors ``pack-quantized``: 8 nibbles per int32)."""
+
+    num_bits: Literal[4, 8] = 4
+    symmetric: bool = True
+    group_size: int | None = Field(default=None, description="None = one scale per output channel")
+    quantizer: Literal["gptq", "rtn"] = "gptq"
+    clip_search: bool = True
+    format: Literal["pack-quantized"] = "pack-quantized"
+
+    @model_validator(mode="after")
+    def _check(self) -> "WeightQuantArgs":
+        if self.group_size is not None and self.group_size <= 0:
+            raise ValueError(f"weights.group_size must be positive or null, got {self.group_size}")
+        return self
+
+
+class ActivationQuantArgs(_Strict):
+    """Dynamic per-token symmetric activation quantization at every decoder linear input."""
+
+    num_bits: Literal[4, 8, 16] = 4
+    symmetric: Literal[True] = True
+    granularity: Literal["token"] = "token"
+    dynamic: Literal[True] = True
+    clip_ratio: float = Field(default=0.9, gt=0.0, le=1.0)
+
+
+class KVCacheQuantArgs(_Strict):
+    """KV cache quantization, per token and per head (group = head_dim unless group_size says otherwise)."""
+
+    num_bits: Literal[4, 8, 16] = 4
+    symmetric: bool = False
+    group_size: int | None = None
+    clip_ratio: float = Field(default=0.95, gt=0.0, le=1.0)
+
+
+class OnlineTransform(_Strict):
+    """A rotation applied at run time (its inverse is already fused into the neighbouring weights).
+
+    ``site``: ``down_proj_input`` (R4, before down_proj) or ``qk_post_rope`` (R3, on Q and K after RoPE).
+    ``size`` is the transformed dimension; ``block`` the size of each diagonal block for a block-diagonal
+    Hadamard (None = one block of ``size``), so that tensor-parallel shards never straddle a block.
+    """
+
+    site: Literal["down_proj_input", "qk_post_rope"]
+    kind: Literal["hadamard"] = "hadamard"
+    size: int = Field(gt=0)
+    block: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "OnlineTransform":
+        if self.block is not None and (self.block <= 0 or self.size % self.block):
+            raise ValueError(f"transform block {self.block} must divide size {self.size}")
+        return self
+
+    @property
+    def block_size(self) -> int:
+        return self.block or self.size
+
+
+class CalibrationProvenance(_Strict):
+    """Where the rotations and weights came from."""
+
+    method: Literal["conqur", "quarot", "none"]
+    weight_quantizer: Literal["gptq", "rtn"]
+    samples: int = 0
+    seq_len: int = 0
+    dataset: str = ""
+    seed: int = 0
+    source_model: str = ""
+    tool_version: str = ""
+    created: str = ""
+
+
+class ConqurQuantConfig(_Strict):
+    """``config.json["quantization_config"]`` of a conqur-vllm checkpoint."""
+
+    quant_method: Literal["conqur"] = QUANT_METHOD
+    version: int = SCHEMA_VERSION
+    method: Literal["conqur", "quarot", "none"] = "conqur"
+    weights: WeightQuantArgs = WeightQuantArgs()
+    activations: ActivationQuantArgs = ActivationQuantArgs()
+    kv_cache: KVCacheQuantArgs = KVCacheQuantArgs()
+    online_transforms: tuple[OnlineTransform, ...] = ()
+    ignore: tuple[str, ...] = ("lm_head",)
+    calibration: CalibrationProvenance | None = None
+
+    @model_validator(mode="after")
+    def _check_version(self) -> "ConqurQuantConfig":
+        if self.version != SCHEMA_VERSION:
+            raise ValueError(
+                f"checkpoint schema version {self.version} is not supported (this conqur-vllm reads version "
+                f"{SCHEMA_VERSION}); re-run `conqur calibrate` or upgrade conqur-vllm"
+            )
+        return self
+
+    def transform(self, site: str) -> OnlineTransform | None:
+        """The online transform at ``site``, or None."""
+        return next((t for t in self.online_transforms if t.site == site), None)
+
+    # --- (de)serialization -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "ConqurQuantConfig":
+        """Validate a ``quantization_config`` dict; any problem becomes one CheckpointConfigError line."""
+        if data.get("quant_method") != QUANT_METHOD:
+            raise CheckpointConfigError(
+                f"quantization_config.quant_method is {data.get('quant_method')!r}, expected 'conqur'; "
+                "this checkpoint was not written by conqur-vllm"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "quantization_config"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (written by a newer conqur-vllm? upgrade it, or remove the field)"
+            raise CheckpointConfigError(f"quantization_config.{where}: {msg}") from None
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "ConqurQuantConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise CheckpointConfigError(f"{path} not found: pass a checkpoint folder written by `conqur calibrate`")
+        config = json.loads(path.read_text())
+        if "quantization_config" not in config:
+            raise CheckpointConfigError(
+                f"{path} has no quantization_config: this is not a conqur checkpoint (run `conqur calibrate`)"
+            )
+        return cls.from_dict(config["quantization_config"])

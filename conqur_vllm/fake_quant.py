@@ -1,0 +1,155 @@
+"""Simulated (fake-quantized) W/A/KV quantization of a Hugging Face decoder, for evaluation and calibration.
+
+:func:`install` wraps every decoder linear in a :class:`QuantLinear` (online transform, then per-token activation
+fake-quant, then the linear) and switches attention to ``conqur_sdpa``, which applies R3 (Hadamard on Q and K
+after RoPE) and fake-quantizes K and V per token per head. Weights are quantized separately (RTN or GPTQ) by
+replacing ``QuantLinear.linear.weight`` with its dequantized values. Every part is switchable on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from conqur_vllm.hadamard import fast_hadamard_transform
+from conqur_vllm.models.adapters import ModelAdapter
+from conqur_vllm.quant import QuantSpec, dequantize, fake_quantize, quantize_weight_rtn
+
+ATTN_IMPL = "conqur_sdpa"
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Per-token symmetric activation fake-quant (bits None = off)."""
+
+    bits: int | None = 4
+    clip_ratio: float = 0.9
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits is None or self.bits >= 16:
+            return x
+        return fake_quantize(x, QuantSpec(bits=self.bits, symmetric=True, clip_ratio=self.clip_ratio))
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """Per-token, per-head KV fake-quant (bits None = off)."""
+
+    bits: int | None = 4
+    symmetric: bool = False
+    clip_ratio: float = 0.95
+    group_size: int | None = None  # None = head_dim
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits is None or self.bits >= 16:
+            return x
+        spec = QuantSpec(bits=self.bits, symmetric=self.symmetric, group_size=self.group_size,
+                         clip_ratio=self.clip_ratio)
+        return fake_quantize(x, spec)
+
+
+class QuantLinear(nn.Module):
+    """``linear(act_quant(online(x)))``; ``online`` is the run-time side of a fused rotation (e.g. R4)."""
+
+    def __init__(self, linear: nn.Linear, act: ActQuant, online_block: int | None = None,
+                 online: bool = False) -> None:
+        super().__init__()
+        self.linear = linear
+        self.act = act
+        self.online = online
+        self.online_block = online_block
+        self.weight_override: torch.Tensor | None = None  # e.g. fake-quantized weights during calibration
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.linear.bias
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the weight matrix multiplies: online transform then activation fake-quant."""
+        if self.online:
+            x = fast_hadamard_transform(x, self.online_block)
+        return self.act(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.linear.weight if self.weight_override is None else self.weight_override
+        return F.linear(self.transform_input(x), weight, self.linear.bias)
+
+
+def _conqur_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    settings: AttentionSim | None = getattr(module, "conqur_attention", None)
+    if settings is not None:
+        if settings.r3:
+            query = fast_hadamard_transform(query)
+            key = fast_hadamard_transform(key)
+        key = settings.kv(key)
+        value = settings.kv(value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPL, _conqur_attention)
+AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+
+
+@dataclass(frozen=True)
+class AttentionSim:
+    """What the attention simulates: R3 online Hadamard on Q/K after RoPE, then KV fake-quant."""
+
+    r3: bool = False
+    kv: KVQuant = KVQuant(bits=None)
+
+
+def install(model: nn.Module, adapter: ModelAdapter, *, act: ActQuant = ActQuant(bits=None),
+            attention: AttentionSim = AttentionSim(), r4: bool = False, r4_block: int | None = None) -> None:
+    """Wrap the decoder linears and route attention through ``conqur_sdpa`` (idempotent: re-install updates)."""
+    for layer in adapter.decoder_layers(model):
+        for path in adapter.linears:
+            parent_path, _, name = path.rpartition(".")
+            parent = layer.get_submodule(parent_path)
+            current = getattr(parent, name)
+            is_down = path == adapter.down_proj
+            linear = current.linear if isinstance(current, QuantLinear) else current
+            setattr(parent, name, QuantLinear(linear, act, online_block=r4_block if is_down else None,
+                                              online=r4 and is_down))
+        layer.get_submodule(adapter.attention).conqur_attention = attention
+    model.config._attn_implementation = ATTN_IMPL
+    for cfg in (getattr(model.config, "text_config", None),):
+        if cfg is not None:
+            cfg._attn_implementation = ATTN_IMPL
+
+
+def set_activation_quant(model: nn.Module, act: ActQuant) -> None:
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.act = act
+
+
+def set_attention(model: nn.Module, adapter: ModelAdapter, attention: AttentionSim) -> None:
+    for layer in adapter.decoder_layers(model):
+        layer.get_submodule(adapter.attention).conqur_attention = attention
+
+
+def quant_linears(layer: nn.Module, adapter: ModelAdapter) -> dict[str, QuantLinear]:
+    """The wrapped linears of one decoder layer, by adapter path."""
+    return {path: layer.get_submodule(path) for path in adapter.linears}
+
+
+def set_weight_fake_quant(model: nn.Module, spec: QuantSpec | None, clip_search: bool = True) -> None:
+    """Run every QuantLinear with RTN fake-quantized weights (``spec`` None: back to the real weights)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            if spec is None:
+                module.weight_override = None
+            else:
+                w = module.linear.weight.detach()
+                qt = quantize_weight_rtn(w.float(), spec, clip_search=clip_search)
+                module.weight_override = dequantize(qt, torch.float32).to(w.dtype)

@@ -1,0 +1,98 @@
+"""GPTQ weight quantization (block 128, damping 0.01, act-order off) with a streamed Hessian.
+
+:class:`HessianAccumulator` adds ``2 x^T x`` of each batch of inputs (never storing them); :func:`gptq_quantize`
+quantizes one ``[out, in]`` weight column by column against that Hessian, on a fixed grid (scales from the
+original weight with MSE clip search, per channel or per group), so the result is stored exactly like RTN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from conqur_vllm.quant import QuantizedTensor, QuantSpec, compute_qparams, mse_clip_search
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n sum x x^T`` over the rows of streamed inputs ``[..., in_features]`` (float64)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        n = x.shape[0]
+        self.hessian *= self.count / (self.count + n)
+        self.count += n
+        x = x * (2.0 / self.count) ** 0.5
+        self.hessian += x.T @ x
+
+
+def gptq_quantize(w: Tensor, hessian: Tensor, spec: QuantSpec, *, block_size: int = 128,
+                  damp: float = 0.01, clip_search: bool = True) -> QuantizedTensor:
+    """Quantize ``w`` [out, in] with GPTQ error feedback; returns codes and the (fixed) grid's scales."""
+    if w.ndim != 2 or hessian.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"GPTQ needs w [out, in] and H [in, in]; got {tuple(w.shape)} and {tuple(hessian.shape)}")
+    w = w.detach().to(torch.float64).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    clip = mse_clip_search(w, spec) if clip_search else None
+    scale, zero = compute_qparams(w, spec, clip)  # [out, n_groups]
+    group = spec.group_size or w.shape[1]
+    col_group = torch.arange(w.shape[1], device=w.device) // group
+
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    hinv = _upper_cholesky_of_inverse(h)
+
+    # per-column grid (scale, zero) so the inner loop is a handful of vector ops
+    s_cols = scale.to(torch.float64)[:, col_group]
+    z_cols = None if zero is None else zero.to(torch.float64)[:, col_group]
+    q = torch.empty_like(w)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the column loop is many tiny ops: threads only add overhead
+    try:
+        _gptq_columns(w, q, hinv, s_cols, z_cols, float(spec.qmin), float(spec.qmax), block_size)
+    finally:
+        torch.set_num_threads(threads)
+    return QuantizedTensor(q.to(spec.code_dtype), scale, None if zero is None else zero.to(torch.uint8), spec)
+
+
+def _gptq_columns(w: Tensor, q: Tensor, hinv: Tensor, s_cols: Tensor, z_cols: Tensor | None, qmin: float,
+                  qmax: float, block_size: int) -> None:
+    """The GPTQ column sweep: writes codes into ``q`` and propagates the error through ``w`` in place."""
+    cols = w.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        s1 = s_cols[:, i1:i2]
+        z1 = None if z_cols is None else z_cols[:, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            codes = torch.round(col / s1[:, i])
+            if z1 is not None:
+                codes += z1[:, i]
+            codes.clamp_(qmin, qmax)
+            q[:, i1 + i] = codes
+            deq = (codes - z1[:, i]) * s1[:, i] if z1 is not None else codes * s1[:, i]
+            e = (col - deq) / hinv1[i, i]
+            w1[:, i:].sub_(torch.outer(e, hinv1[i, i:]))
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+
+def _upper_cholesky_of_inverse(h: Tensor) -> Tensor:
+    """Upper Cholesky factor of H^-1, adding damping until H is positive definite."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    extra = 0.0
+    for _ in range(8):
+        lower, info = torch.linalg.cholesky_ex(h + extra * eye)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        extra = max(extra * 10, 1e-6 * float(torch.mean(torch.diag(h))))
+    raise RuntimeError("GPTQ: the Hessian is not positive definite even after extra damping; use more samples")

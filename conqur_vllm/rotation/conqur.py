@@ -1,0 +1,88 @@
+"""ConQuR's rotation rule: align normalized vectors with the corners of the inscribed hypercube.
+
+Row-vector convention (as in :mod:`conqur_vllm.rotation.fuse`): a site's rotated vector is ``z = u R``. The
+nearest corner is ``c = sign(z) / sqrt(d)`` (sign(0) = +1) and, for fixed corners, ``min_R sum_i |u_i R - c_i|^2``
+over orthogonal R is solved by ``R = U V^T`` from the SVD ``M = sum_i u_i^T c_i = U S V^T`` (orthogonal
+Procrustes). :class:`CornerSite` keeps only the d x d float64 accumulator M, never the vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def normalize_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """u = x / |x| over the last dim, in float64, flattened to [n, d]."""
+    x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def corners(z: Tensor) -> Tensor:
+    """Nearest corners ``sign(z)/sqrt(d)`` (sign(0) = +1) of rotated unit vectors z [n, d]."""
+    d = z.shape[-1]
+    return torch.where(z >= 0, 1.0, -1.0).to(z.dtype) / d**0.5
+
+
+def corner_objective(u: Tensor, r: Tensor, weights: Tensor | None = None) -> float:
+    """Mean ``|u R - c|^2`` with c the nearest corners (= 2 - 2/sqrt(d) * mean |u R|_1 for unit u)."""
+    z = u @ r
+    err = (z - corners(z)).pow(2).sum(-1)
+    if weights is None:
+        return float(err.mean())
+    return float((err * weights).sum() / weights.sum())
+
+
+def procrustes(m: Tensor) -> Tensor:
+    """The orthogonal R maximizing tr(R^T M): U V^T from the SVD of M (float64)."""
+    u, _, vh = torch.linalg.svd(m.to(torch.float64))
+    return u @ vh
+
+
+def corner_moment(u: Tensor, r: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``sum_i w_i u_i^T c_i`` for corners of ``u R`` (d x d, float64)."""
+    c = corners(u @ r)
+    if weights is not None:
+        c = c * weights[:, None]
+    return u.T @ c
+
+
+@dataclass
+class CornerSite:
+    """One rotation site's online state: R, the accumulated moment M and the objective history."""
+
+    rotation: Tensor
+    accumulate: str = "sum"  # "sum" or "ema"
+    decay: float = 0.5
+    moment: Tensor | None = None
+    history: list[float] = field(default_factory=list)
+
+    def update(self, u: Tensor, *, weights: Tensor | None = None, extra_u: Tensor | None = None,
+               extra_scale: float = 0.0, alternations: int = 1) -> tuple[float, float]:
+        """Fold one mini-batch of unit vectors (original coordinates) into M and re-solve R.
+
+        ``extra_u`` (e.g. normalized weight rows that R rotates the same way) joins the objective with a total
+        weight ``extra_scale``. Returns the batch objective before and after (activations only).
+        """
+        before = corner_objective(u, self.rotation, weights)
+        r = self.rotation
+        batch_moment = None
+        for _ in range(alternations):
+            batch_moment = corner_moment(u, r, weights)
+            if extra_u is not None and extra_scale > 0:
+                batch_moment = batch_moment + extra_scale / extra_u.shape[0] * corner_moment(extra_u, r)
+            r = procrustes(self._combined(batch_moment))
+        self.moment = self._combined(batch_moment)
+        self.rotation = r
+        after = corner_objective(u, r, weights)
+        self.history.append(after)
+        return before, after
+
+    def _combined(self, batch_moment: Tensor) -> Tensor:
+        if self.moment is None:
+            return batch_moment
+        if self.accumulate == "ema":
+            return self.decay * self.moment + (1.0 - self.decay) * batch_moment
+        return self.moment + batch_moment
