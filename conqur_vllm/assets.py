@@ -162,15 +162,16 @@ def smollm2_gguf() -> Path:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF causal LM into a plain bf16 Hugging Face folder with its tokenizer and chat template."""
-    import torch  # noqa: PLC0415 - heavy imports only when converting
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     except (ImportError, ValueError, OSError) as e:
-        raise AssetError(f"could not load {gguf.name} ({str(e).splitlines()[0]}); "
-                         f"install the 'gguf' and 'accelerate' packages") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AssetError(f"could not load {gguf.name} ({reason}); install the 'gguf' and 'accelerate' packages "
+                         f"or delete {gguf.parent.parent} to fetch it again") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

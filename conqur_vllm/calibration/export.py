@@ -55,8 +55,8 @@ def checkpoint_tensors(result: CalibrationResult, dtype: torch.dtype = torch.bfl
     quantized = set(result.qweights)
     for name, t in result.model.state_dict().items():
         name = name.replace(".linear.", ".")
-        module = name.rsplit(".", 1)[0]
-        if module in quantized:
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight":
             continue
         tensors[name] = t.detach().to(dtype).contiguous()
     for prefix, qt in result.qweights.items():

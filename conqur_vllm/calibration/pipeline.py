@@ -6,6 +6,7 @@ The result is what the checkpoint stores and what the evaluation harness measure
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -90,24 +91,32 @@ def set_quantizers(model: nn.Module, opts: CalibrationOptions, r3: bool) -> None
 
 def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib_text: str, *,
                     progress: bool = True, on_layer=None, on_step=None) -> CalibrationResult:
-    """Rotate (and learn rotations), switch on the quantizers and quantize the weights of ``model`` in place."""
+    """Rotate (learning the rotations for ConQuR), switch on the quantizers and quantize the weights, in place.
+
+    Learned rotations are fused into the original weights in one float64 step (not as the running product of
+    the online updates), exactly as a resumed checkpoint run does.
+    """
     adapter = get_adapter(model.config)
     times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    rot = initial_rotations(model, opts)
-    apply_rotations(model, adapter, rot)
-    set_quantizers(model, opts, r3=rot.r3)
-    times["rotate"] = time.perf_counter() - t0
     needs_data = opts.method == "conqur" or (opts.w_bits < 16 and opts.weight_quantizer == "gptq")
     batches = (calibration_batches(tokenizer, calib_text, opts.samples, opts.seq_len, opts.conqur.batch_size,
                                    opts.seed) if needs_data else [])
+    rot = initial_rotations(model, opts)
     report = None
     if opts.method == "conqur":
         t0 = time.perf_counter()
-        rot, report = learn_rotations(model, adapter, rot, batches, opts.conqur, weight_spec=weight_spec(opts),
+        scratch = copy.deepcopy(model)
+        apply_rotations(scratch, adapter, rot)
+        set_quantizers(scratch, opts, r3=rot.r3)
+        rot, report = learn_rotations(scratch, adapter, rot, batches, opts.conqur, weight_spec=weight_spec(opts),
                                       clip_search=opts.clip_search, seed=opts.seed, device=opts.device,
                                       progress=progress, on_step=on_step)
+        del scratch
         times["learn_rotations"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    apply_rotations(model, adapter, rot)
+    set_quantizers(model, opts, r3=rot.r3)
+    times["rotate"] = time.perf_counter() - t0
     qweights: dict[str, QuantizedTensor] = {}
     spec = weight_spec(opts)
     if spec is not None:

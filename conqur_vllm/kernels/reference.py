@@ -1,0 +1,136 @@
+"""Exact integer W4A4 / W4A8 ops as ``torch.library`` custom ops, with fake (meta) implementations.
+
+- ``conqur::quantize_per_token(x, bits, clip_ratio, absmax=None) -> (q, scale)``: dynamic symmetric per-token
+  quantization of a 2-D ``[M, K]`` activation: ``scale = clip_ratio * absmax(row) / qmax`` (float32, ``[M, 1]``,
+  1 for an all-zero row), ``q = clamp(round(x / scale), -qmax-1, qmax)`` as int8, computed in float32
+  (``conqur_vllm.quant``'s rule). ``absmax`` (float32 ``[M, 1]``) overrides the row maxima, e.g. with the
+  maxima of the whole row when ``x`` is one tensor-parallel shard of it.
+- ``conqur::int_scaled_mm(a_q, a_scale, b_q, b_scale, bias, out_dtype)``: ``a_q [M, K]`` int8 codes times
+  ``b_q [N, K]`` int8 codes with exact integer accumulation per group of ``K / G`` columns (``b_scale`` is
+  ``[N, G]``), then the float epilogue ``out = a_scale * sum_g b_scale[:, g] * acc_g + bias``.
+
+These are the reference implementations, registered for every device. A faster kernel registers for the same
+names (``torch.library.register_kernel("conqur::int_scaled_mm", "cuda", fn)``) or is a separate op with the
+same contract (``conqur_vllm.kernels.onednn``). Because each op has a fake implementation, ``torch.compile``
+traces them as opaque nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_FP32_EXACT = 1 << 24
+"""Integers of magnitude below 2^24 are exact in float32, so are all partial sums that stay below it."""
+
+
+def _check_bits(bits: int) -> int:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"activation bits must be in 2..8 for integer quantization, got {bits}")
+    return (1 << (bits - 1)) - 1
+
+
+@torch.library.custom_op("conqur::quantize_per_token", mutates_args=())
+def quantize_per_token(
+    x: Tensor, bits: int, clip_ratio: float, absmax: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """int8 codes ``[M, K]`` and float32 scales ``[M, 1]`` of a 2-D floating-point ``x``."""
+    qmax = _check_bits(bits)
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"quantize_per_token expects a 2-D floating tensor, got {x.dtype} {tuple(x.shape)}")
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(dim=-1, keepdim=True) if absmax is None else absmax.to(torch.float32)
+    scale = clip_ratio * amax / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(xf / scale).clamp_(-qmax - 1, qmax).to(torch.int8)
+    return q, scale
+
+
+@quantize_per_token.register_fake
+def _(x: Tensor, bits: int, clip_ratio: float, absmax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return (
+        torch.empty_like(x, dtype=torch.int8),
+        torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device),
+    )
+
+
+def _chunk_size(k: int) -> int:
+    """Largest K-chunk whose int8 x int8 partial sums are exact in float32 (|a*b| <= 2^14)."""
+    return max(1, min(k, _FP32_EXACT // (128 * 128)))
+
+
+def int_matmul(a_q: Tensor, b_q: Tensor) -> Tensor:
+    """Exact ``a_q @ b_q.T`` of int8 ``[M, K]`` and ``[N, K]`` as int32 ``[M, N]``.
+
+    CUDA with int8 tensor-core friendly shapes uses ``torch._int_mm``. Elsewhere the codes are multiplied in
+    float32 over K-chunks short enough that every partial sum is an integer below 2^24 (hence exact), and the
+    chunk results are summed in int32: bit-identical to int32 accumulation, and far faster than CPU int32 GEMM.
+    """
+    m, k = a_q.shape
+    n = b_q.shape[0]
+    if a_q.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0:
+        return torch._int_mm(a_q, b_q.t())
+    acc = torch.zeros((m, n), dtype=torch.int32, device=a_q.device)
+    step = _chunk_size(k)
+    for start in range(0, k, step):
+        a = a_q[:, start:start + step].to(torch.float32)
+        b = b_q[:, start:start + step].to(torch.float32)
+        acc += (a @ b.t()).to(torch.int32)
+    return acc
+
+
+def _check_mm_args(a_q: Tensor, a_scale: Tensor, b_q: Tensor, b_scale: Tensor) -> int:
+    if a_q.dtype != torch.int8 or b_q.dtype != torch.int8 or a_q.dim() != 2 or b_q.dim() != 2:
+        raise ValueError(f"int_scaled_mm expects 2-D int8 codes, got {a_q.dtype} {tuple(a_q.shape)} and "
+                         f"{b_q.dtype} {tuple(b_q.shape)}")
+    if a_q.shape[1] != b_q.shape[1]:
+        raise ValueError(f"int_scaled_mm: K differs, activations {a_q.shape[1]} vs weights {b_q.shape[1]}")
+    groups = b_scale.shape[-1]
+    if b_scale.shape != (b_q.shape[0], groups) or b_q.shape[1] % groups:
+        raise ValueError(f"weight scale shape {tuple(b_scale.shape)} does not fit weights {tuple(b_q.shape)}")
+    if a_scale.shape != (a_q.shape[0], 1):
+        raise ValueError(f"activation scale shape {tuple(a_scale.shape)}, expected ({a_q.shape[0]}, 1)")
+    return groups
+
+
+@torch.library.custom_op("conqur::int_scaled_mm", mutates_args=())
+def int_scaled_mm(
+    a_q: Tensor, a_scale: Tensor, b_q: Tensor, b_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """``a_scale * sum_g b_scale[:, g] * (a_q @ b_q.T)_g + bias`` in ``out_dtype``, accumulating each group exactly."""
+    groups = _check_mm_args(a_q, a_scale, b_q, b_scale)
+    k = a_q.shape[1]
+    gs = k // groups
+    b_scale = b_scale.to(torch.float32)
+    if groups == 1:
+        out = int_matmul(a_q, b_q).to(torch.float32) * b_scale.t()
+    else:
+        out = torch.zeros((a_q.shape[0], b_q.shape[0]), dtype=torch.float32, device=a_q.device)
+        for g in range(groups):
+            cols = slice(g * gs, (g + 1) * gs)
+            acc = int_matmul(a_q[:, cols], b_q[:, cols])
+            out += acc.to(torch.float32) * b_scale[:, g]
+    out *= a_scale.to(torch.float32)
+    if bias is not None:
+        out += bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+@int_scaled_mm.register_fake
+def _(a_q: Tensor, a_scale: Tensor, b_q: Tensor, b_scale: Tensor, bias: Tensor | None,
+      out_dtype: torch.dtype) -> Tensor:
+    return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
+
+
+class ReferenceIntGemm:
+    """``conqur::int_scaled_mm`` over int8 codes ``b_q [N, K]`` (resident: 1 byte per weight + float32 scales)."""
+
+    name = "reference"
+
+    def __init__(self, b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> None:
+        self.b_q = b_q
+        self.b_scale = b_scale.to(torch.float32)
+        self.out_dtype = out_dtype
+
+    def __call__(self, a_q: Tensor, a_scale: Tensor, bias: Tensor | None) -> Tensor:
+        return torch.ops.conqur.int_scaled_mm(a_q, a_scale, self.b_q, self.b_scale, bias, self.out_dtype)

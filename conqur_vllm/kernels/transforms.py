@@ -1,0 +1,24 @@
+"""Online rotations as a custom op, so compiled graphs keep them as one opaque node.
+
+``conqur::hadamard_transform(x, block)`` is ``x @ H`` over the last dim with H the orthonormal Hadamard matrix
+of that size (``block == 0``) or the block-diagonal one with blocks of ``block``; the result has x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from conqur_vllm.hadamard import fast_hadamard_transform
+
+
+@torch.library.custom_op("conqur::hadamard_transform", mutates_args=())
+def hadamard_transform(x: Tensor, block: int) -> Tensor:
+    """``fast_hadamard_transform(x, block or None)``; never aliases ``x``."""
+    y = fast_hadamard_transform(x, block or None)
+    return y.clone() if y.data_ptr() == x.data_ptr() else y
+
+
+@hadamard_transform.register_fake
+def _(x: Tensor, block: int) -> Tensor:
+    return x.new_empty(x.shape)

@@ -1,0 +1,174 @@
+"""Linear method for conqur's INT4 (or INT8) weights with dynamic per-token INT activations.
+
+Checkpoint layout (compressed-tensors ``pack-quantized``, symmetric): ``weight_packed`` int32 ``[out, in/8]``
+(INT4 code v stored as nibble v+8, value i of each 8 at bits 4i), ``weight_scale`` float32 ``[out, groups]``,
+``weight_shape`` int64 ``[2]``. The parameters are vLLM parameter classes, so fused qkv / gate_up shards and
+tensor-parallel slices load through vLLM's own ``weight_loader_v2``.
+
+After loading, the codes are unpacked once to int8 and handed to the integer GEMM (see
+``conqur_vllm.kernels.make_int_gemm``); the packed int32 tensors are freed. Resident per layer: the int8 codes
+(1 byte per weight: held by oneDNN on CPU, a parameter ``weight_int`` otherwise) and float32 scales.
+
+Forward: [R4 Hadamard on down_proj's input] -> per-token quantization (``conqur::quantize_per_token``; for a
+row-parallel shard the row maxima are all-reduced over the tensor-parallel ranks first, so every rank uses the
+single-device scale) -> integer GEMM with int32 accumulation and the scale epilogue (+ bias) -> output in the
+input dtype.
+With ``activations.num_bits == 16`` (weight-only checkpoints) the weights are dequantized once at load and
+served by ``F.linear`` (no memory saving; logged).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import LinearMethodBase
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+
+from conqur_vllm.config import CheckpointConfigError
+from conqur_vllm.formats import unpack_int32
+from conqur_vllm.kernels import Backend, make_int_gemm, transforms  # noqa: F401  (registers the ops)
+from conqur_vllm.vllm_plugin._compat import register_weight_loader_v2
+from conqur_vllm.vllm_plugin.tp import row_absmax
+
+if TYPE_CHECKING:
+    from conqur_vllm.vllm_plugin.quant_config import ConqurConfig
+
+logger = init_logger(__name__)
+
+R4_LAYER = "down_proj"
+GEMM_ATTR = "conqur_gemm"
+
+
+def _scale_parameter(n_out: int, n_groups: int, grouped: bool, weight_loader: Any) -> BasevLLMParameter:
+    data = torch.empty(n_out, n_groups, dtype=torch.float32)
+    if grouped:
+        return GroupQuantScaleParameter(data=data, output_dim=0, input_dim=1, weight_loader=weight_loader)
+    return ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=weight_loader)
+
+
+@register_weight_loader_v2
+class ConqurLinearMethod(LinearMethodBase):
+    """One instance per linear layer; ``prefix`` decides whether the R4 online Hadamard runs before it."""
+
+    def __init__(self, quant_config: ConqurConfig, prefix: str = "", backend: Backend = "auto") -> None:
+        self.quant_config = quant_config
+        self.prefix = prefix
+        self.backend = backend
+        ckpt = quant_config.checkpoint
+        self.weight_bits = ckpt.weights.num_bits
+        self.group_size = ckpt.weights.group_size
+        self.act_bits = ckpt.activations.num_bits
+        self.clip_ratio = ckpt.activations.clip_ratio
+        r4 = ckpt.transform("down_proj_input")
+        self.r4 = r4 if r4 is not None and prefix.rsplit(".", 1)[-1] == R4_LAYER else None
+
+    # --- weights -------------------------------------------------------------------------------------------
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        weight_loader = extra_weight_attrs.get("weight_loader")
+        n_out = sum(output_partition_sizes)
+        pack = 32 // self.weight_bits
+        sharded_in = input_size_per_partition != input_size
+        where = self.prefix or "linear layer"
+        if sharded_in and input_size_per_partition % pack:
+            raise CheckpointConfigError(
+                f"{where}: input shard of {input_size_per_partition} is not a multiple of {pack} packed values; "
+                "use a tensor_parallel_size that splits it evenly"
+            )
+        grouped = self.group_size is not None
+        if grouped:
+            if input_size_per_partition % self.group_size:
+                raise CheckpointConfigError(
+                    f"{where}: weights.group_size {self.group_size} does not divide the input size "
+                    f"{input_size_per_partition} (per rank); use a tensor_parallel_size that keeps whole groups"
+                )
+            n_groups = input_size_per_partition // self.group_size
+        else:
+            n_groups = 1
+        self._check_r4(input_size, input_size_per_partition)
+
+        packed = PackedvLLMParameter(
+            data=torch.empty(n_out, -(-input_size_per_partition // pack), dtype=torch.int32),
+            input_dim=1,
+            output_dim=0,
+            packed_dim=1,
+            packed_factor=pack,
+            weight_loader=weight_loader,
+        )
+        shape = BasevLLMParameter(data=torch.empty(2, dtype=torch.int64), weight_loader=weight_loader)
+        layer.register_parameter("weight_packed", packed)
+        layer.register_parameter("weight_scale", _scale_parameter(n_out, n_groups, grouped, weight_loader))
+        layer.register_parameter("weight_shape", shape)
+        layer.input_size_per_partition = input_size_per_partition
+        layer.output_size_per_partition = n_out
+        layer.params_dtype = params_dtype
+        layer.conqur_sharded_input = sharded_in
+
+    def _check_r4(self, input_size: int, input_size_per_partition: int) -> None:
+        if self.r4 is None:
+            return
+        if self.r4.size != input_size:
+            raise CheckpointConfigError(
+                f"{self.prefix}: down_proj_input transform size {self.r4.size} != intermediate size {input_size}; "
+                "the checkpoint does not belong to this model"
+            )
+        if input_size_per_partition % self.r4.block_size:
+            raise CheckpointConfigError(
+                f"{self.prefix}: the R4 Hadamard block {self.r4.block_size} straddles tensor-parallel shards of "
+                f"{input_size_per_partition}; recalibrate with a block-diagonal R4 whose block divides the shard, "
+                "or lower tensor_parallel_size"
+            )
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        k = layer.input_size_per_partition
+        codes = unpack_int32(layer.weight_packed.data, self.weight_bits, k, packed_dim=1, signed=True)
+        scale = layer.weight_scale.data.to(torch.float32)
+        if scale.shape[0] != codes.shape[0] or k % scale.shape[1]:
+            raise CheckpointConfigError(
+                f"{self.prefix}: weight_scale shape {tuple(scale.shape)} does not fit weights {tuple(codes.shape)}"
+            )
+        del layer.weight_packed, layer.weight_shape
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+        if self.act_bits >= 16:
+            dequant = codes.to(torch.float32).view(codes.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)
+            layer.weight = nn.Parameter(dequant.view(codes.shape).to(layer.params_dtype), requires_grad=False)
+            logger.info_once("conqur: activations.num_bits=16, weights dequantized to %s at load", layer.params_dtype)
+            return
+        gemm = make_int_gemm(codes, scale, layer.params_dtype, self.backend)
+        if gemm.name == "reference":
+            layer.weight_int = nn.Parameter(codes, requires_grad=False)
+            gemm.b_q = layer.weight_int
+        setattr(layer, GEMM_ATTR, gemm)
+        logger.info_once("conqur: W%dA%d integer GEMM backend: %s", self.weight_bits, self.act_bits, gemm.name)
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.r4 is not None:
+            block = 0 if self.r4.block_size == self.r4.size else self.r4.block_size
+            x2 = torch.ops.conqur.hadamard_transform(x2, block)
+        if self.act_bits >= 16:
+            out = F.linear(x2, layer.weight, bias)
+        else:
+            absmax = row_absmax(x2, layer.conqur_sharded_input)
+            a_q, a_scale = torch.ops.conqur.quantize_per_token(x2, self.act_bits, self.clip_ratio, absmax)
+            out = getattr(layer, GEMM_ATTR)(a_q, a_scale, bias)
+        return out.to(x.dtype).view(*shape[:-1], out.shape[-1])

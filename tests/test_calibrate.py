@@ -1,0 +1,142 @@
+"""Calibration end to end on tiny models: checkpoint contents, reference forward, determinism, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conqur_vllm.calibration import pipeline
+from conqur_vllm.calibration.export import export_checkpoint
+from conqur_vllm.calibration.options import CalibrationOptions, ConqurOptions
+from conqur_vllm.calibration.run import calibrate
+from conqur_vllm.checkpoint import read_checkpoint_tensors
+from conqur_vllm.config import ConqurQuantConfig
+from conqur_vllm.quant import dequantize
+from conqur_vllm.reference import dequantize_linear, load_reference_model
+from tests.conftest import save_tiny_model_dir, synthetic_text
+
+FAST = dict(samples=8, seq_len=64, conqur=ConqurOptions(steps=2, batch_size=4))
+
+
+def _opts(text_file, **kw) -> CalibrationOptions:
+    return CalibrationOptions(calib_text=str(text_file), **{**FAST, **kw})
+
+
+def test_checkpoint_contents_and_report(tiny_llama_dir, text_file, tmp_path):
+    out = calibrate(tiny_llama_dir, tmp_path / "ckpt", _opts(text_file), progress=False)
+    qcfg = ConqurQuantConfig.from_model_dir(out)
+    assert qcfg.method == "conqur" and qcfg.weights.quantizer == "gptq"
+    assert {t.site for t in qcfg.online_transforms} == {"down_proj_input", "qk_post_rope"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    tensors = read_checkpoint_tensors(out)
+    assert tensors["model.layers.0.self_attn.q_proj.weight_packed"].dtype == torch.int32
+    assert "model.layers.0.self_attn.q_proj.weight" not in tensors
+    assert "lm_head.weight" in tensors
+    report = json.loads((out / "calibration_report.json").read_text())
+    obj = report["rotation_objective"]
+    assert len(obj["steps"]) == 2 and obj["steps"][-1]["r1_after"] < obj["r1_objective_initial"]
+    assert set(report["activation_sqnr_db"]) == {"qkv_input", "o_proj_input", "gate_up_input", "down_proj_input"}
+    assert all(5 < v < 40 for v in report["activation_sqnr_db"].values())
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+    assert not any(p.name.endswith(".calib-state") for p in tmp_path.iterdir())
+
+
+def test_reference_forward_equals_calibrated_model(tiny_llama_dir, text_file, tmp_path):
+    """The checkpoint stores exactly the calibrated model (weights bit-exact; bf16 only for embeddings)."""
+    opts = _opts(text_file, a_bits=16, kv_bits=16)
+    model, tok = pipeline.load_model(tiny_llama_dir)
+    result = pipeline.calibrate_model(model, tok, opts, synthetic_text(), progress=False)
+    out = export_checkpoint(result, opts, tmp_path / "ckpt", source_dir=tiny_llama_dir, report={})
+    tensors = read_checkpoint_tensors(out)
+    for prefix, qt in result.qweights.items():
+        assert torch.equal(dequantize_linear(tensors, prefix, ConqurQuantConfig.from_model_dir(out)),
+                           dequantize(qt, torch.float32))
+    ref, _ = load_reference_model(out)
+    ids = tok(synthetic_text(200, seed=3), return_tensors="pt").input_ids[:, :64]
+    with torch.no_grad():
+        a, b = model(ids).logits, ref(ids).logits
+    assert float((a - b).norm() / a.norm()) < 2e-2  # embeddings/lm_head stored in bf16
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_families_calibrate(family, text_file, tmp_path):
+    src = save_tiny_model_dir(tmp_path / family, family)
+    out = calibrate(src, tmp_path / "ckpt", _opts(text_file, method="conqur", weight_quantizer="rtn"),
+                    progress=False)
+    ref, qcfg = load_reference_model(out)
+    assert qcfg.method == "conqur"
+    with torch.no_grad():
+        assert torch.isfinite(ref(torch.randint(3, 300, (1, 16))).logits).all()
+
+
+def test_learning_is_deterministic(tiny_llama_dir, text_file):
+    rots = []
+    for _ in range(2):
+        model, tok = pipeline.load_model(tiny_llama_dir)
+        res = pipeline.calibrate_model(model, tok, _opts(text_file, weight_quantizer="rtn"), synthetic_text(),
+                                       progress=False)
+        rots.append(res.rotations)
+    assert torch.equal(rots[0].r1, rots[1].r1) and torch.equal(rots[0].r2, rots[1].r2)
+
+
+def test_bad_inputs_give_one_line_errors(tiny_llama_dir, text_file, tmp_path):
+    with pytest.raises(pipeline.CalibrationError, match="lower --samples"):
+        calibrate(tiny_llama_dir, tmp_path / "x", _opts(text_file, samples=100000), progress=False)
+    with pytest.raises(pipeline.CalibrationError, match="no config.json"):
+        pipeline.load_model(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "conqur_vllm.cli", "calibrate", str(tmp_path / "nope"),
+                           "-o", str(tmp_path / "y"), "--calib-text", str(text_file)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no config.json" in proc.stderr
+    assert not (tmp_path / "y").exists()
+
+
+def _cli(src, out, text_file):
+    return [sys.executable, "-m", "conqur_vllm.cli", "calibrate", str(src), "-o", str(out), "--method", "conqur",
+            "--samples", "8", "--seq-len", "64", "--steps", "2", "--calib-text", str(text_file)]
+
+
+def test_resume_after_sigkill_equals_uninterrupted(text_file, tmp_path):
+    src = save_tiny_model_dir(tmp_path / "deep", "llama", layers=6)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(src, ref, text_file), check=True, env=env, capture_output=True)
+
+    out = tmp_path / "out"
+    state = tmp_path / ".out.calib-state"
+    proc = subprocess.Popen(_cli(src, out, text_file), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (state / "layer0001.pt").exists():
+        assert proc.poll() is None, "calibration finished before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing that looks like a checkpoint
+    assert (state / "rotations.pt").exists()
+
+    resumed = subprocess.run(_cli(src, out, text_file) + ["--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_checkpoint_tensors(ref), read_checkpoint_tensors(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not state.exists()
+
+
+def test_resume_refuses_other_options(text_file, tmp_path, tiny_llama_dir):
+    from conqur_vllm.calibration.resume import CalibrationState, ResumeError
+
+    CalibrationState(tmp_path / "o", "aaaa", resume=False)
+    with pytest.raises(ResumeError, match="without --resume"):
+        CalibrationState(tmp_path / "o", "bbbb", resume=True)
