@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--conqur", default="{}", help='JSON overrides of ConqurOptions, e.g. \'{"steps": 4}\'')
     ap.add_argument("--tasks", default="", help="zero-shot tasks (piqa,arc_easy,arc_challenge,hellaswag,...)")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--eval-text", default="wiki",
+                    help="held-out text: wiki (reported numbers) or technical (used to choose options)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = args.rows.split(",")
@@ -73,7 +75,9 @@ def main() -> None:
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
     overrides = json.loads(args.conqur)
     fp_model, tokenizer = pipeline.load_model(assets.smollm2_dir())
-    eval_text, calib_text = assets.evaluation_text(), assets.calibration_text()
+    eval_text, calib_text = assets.load_text(args.eval_text), assets.calibration_text()
+    if args.eval_text == "c4":
+        raise SystemExit("c4 is the calibration text; evaluate on wiki or technical")
     windows = {L: tokenize_windows(tokenizer, eval_text, L, max_windows=max(1, args.windows * 512 // L))
                for L in seq_lens}
     results: list[dict] = []
@@ -97,6 +101,7 @@ def main() -> None:
                 del model
     print_table(results, seq_lens)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "eval_text": args.eval_text,
             "windows_tokens": {L: int(w.numel()) for L, w in windows.items()}, "peak_rss_mb": peak_rss_mb()}
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from conqur_vllm.hadamard import fast_hadamard_transform
+from conqur_vllm.hadamard import hadamard_transform
 from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import QuantSpec, dequantize, fake_quantize, quantize_weight_rtn
 
@@ -77,7 +77,7 @@ class QuantLinear(nn.Module):
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the weight matrix multiplies: online transform then activation fake-quant."""
         if self.online:
-            x = fast_hadamard_transform(x, self.online_block)
+            x = hadamard_transform(x, self.online_block)
         return self.act(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +89,8 @@ def _conqur_attention(module: nn.Module, query, key, value, attention_mask, **kw
     settings: AttentionSim | None = getattr(module, "conqur_attention", None)
     if settings is not None:
         if settings.r3:
-            query = fast_hadamard_transform(query)
-            key = fast_hadamard_transform(key)
+            query = hadamard_transform(query)
+            key = hadamard_transform(key)
         key = settings.kv(key)
         value = settings.kv(value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -8,6 +8,7 @@ H_m H_mᵀ = m I before use. ``fast_hadamard_transform(x)`` equals ``x @ hadamar
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import operator
@@ -317,3 +318,23 @@ def fast_hadamard_transform(x: torch.Tensor, block: int | None = None) -> torch.
         y = torch.matmul(_base_matrix_as(m, work, y.device).T, y)
     y = y * (1.0 / math.sqrt(size))
     return y.reshape(x.shape).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _dense_cached(n: int, block: int | None, dtype: torch.dtype, device: str) -> torch.Tensor:
+    h = hadamard_matrix(n) if block is None or block == n else block_hadamard_matrix(n, block)
+    return h.to(dtype=dtype, device=device)
+
+
+DENSE_LIMIT = 4096
+
+
+def hadamard_transform(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """``x @ H`` like :func:`fast_hadamard_transform`, as one cached dense GEMM when the size is at most
+    ``DENSE_LIMIT`` (faster on CPUs for the sizes of small models), else by butterflies."""
+    n = x.shape[-1]
+    if n > DENSE_LIMIT or not torch.is_floating_point(x):
+        return fast_hadamard_transform(x, block)
+    work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    h = _dense_cached(n, block, work, str(x.device))
+    return torch.matmul(x.to(work), h).to(x.dtype)

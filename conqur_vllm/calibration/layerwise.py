@@ -91,7 +91,7 @@ def quantize_layer_weights(layer: nn.Module, adapter: ModelAdapter, spec: QuantS
         if method == "gptq":
             qt = gptq_quantize(stacked, hessians[group[0]].hessian, spec, clip_search=clip_search)
         else:
-            qt = quantize_weight_rtn(stacked, spec, clip_search=clip_search)
+            qt = quantize_weight_rtn(stacked.float(), spec, clip_search=clip_search)
         start = 0
         for path, w in zip(group, weights):
             rows = slice(start, start + w.shape[0])

@@ -105,13 +105,14 @@ def _token_weights(x: torch.Tensor, massive_weight: float) -> torch.Tensor | Non
 
 
 def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, batches: list[torch.Tensor],
-                    opts: ConqurOptions, *, weight_spec: QuantSpec | None, clip_search: bool = True,
+                    opts: ConqurOptions, *, weight_spec: QuantSpec | None,
                     seed: int = 0, device: torch.device | str = "cpu", progress: bool = True,
                     on_step: Callable[[StepLog], None] | None = None) -> tuple[Rotations, LearnReport]:
     """Run ``opts.steps`` online updates over ``batches`` (cycled); the model ends with the learned rotations fused.
 
     ``rot`` must already be applied to ``model`` (:func:`conqur_vllm.rotation.apply_rotations`).
-    ``weight_spec``: weights are RTN fake-quantized in the forward when given and ``opts.quantized_forward``.
+    ``weight_spec``: weights are RTN fake-quantized (absmax, no clip search) in the forward when given and
+    ``opts.quantized_forward``.
     """
     cfg = model.config
     n_layers = len(adapter.decoder_layers(model))
@@ -136,7 +137,7 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
         for step in bar:
             t0 = time.perf_counter()
             if quantized and weight_spec is not None:
-                fake_quant.set_weight_fake_quant(model, weight_spec, clip_search)
+                fake_quant.set_weight_fake_quant(model, weight_spec, clip_search=False)  # cheap RTN per step
             recorder.clear()
             with torch.no_grad():
                 model(batches[step % len(batches)].to(device), use_cache=False)

@@ -28,7 +28,7 @@ def activation_sqnr(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor) 
             def hook(module, args, _site=site):
                 x = args[0]
                 if module.online:
-                    x = fake_quant.fast_hadamard_transform(x, module.online_block)
+                    x = fake_quant.hadamard_transform(x, module.online_block)
                 q = module.act(x)
                 if q is not x:
                     totals[_site].append(sqnr_db(x, q))

@@ -109,7 +109,7 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
         apply_rotations(scratch, adapter, rot)
         set_quantizers(scratch, opts, r3=rot.r3)
         rot, report = learn_rotations(scratch, adapter, rot, batches, opts.conqur, weight_spec=weight_spec(opts),
-                                      clip_search=opts.clip_search, seed=opts.seed, device=opts.device,
+                                      seed=opts.seed, device=opts.device,
                                       progress=progress, on_step=on_step)
         del scratch
         times["learn_rotations"] = time.perf_counter() - t0

@@ -1,0 +1,177 @@
+"""Check the compiled Triton kernels on a CUDA GPU against exact references, over all benchmark shapes.
+
+Inputs are random and never all zero; every output is poisoned first (NaN, or an impossible integer) so an
+unwritten element fails. Checks:
+
+- integer GEMM: int32 accumulators bit-exact against ``torch._int_mm`` / exact float32 products (packed INT4
+  and int8 weights, INT4 and full int8 activations);
+- scaled GEMM: bf16 output within half a bf16 ulp (plus float32 slack) of the reference epilogue computed
+  from the exact accumulators, per-channel and per-group (128) scales, with bias; fp32 output likewise;
+- fused Hadamard + quantization: codes and scales bit-exact against the reference for power-of-two sizes and
+  diagonal blocks; for ``m x 2^k`` sizes (14336 = 28 x 512), codes may differ only at float32 rounding ties;
+- the ``torch.ops.conqur.*`` ops dispatch to the Triton kernels on CUDA.
+
+    python benchmarks/check_kernels_gpu.py [--quick]
+
+Exits 1 on any failure; writes ``check_kernels.json`` to ``$OUT`` when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernels import GEMM_SHAPES, HADAMARD_SIZES, M_VALUES, require_cuda
+
+from conqur_vllm.formats import pack_int4
+from conqur_vllm.hadamard import fast_hadamard_transform
+from conqur_vllm.kernels import reference, triton_gemm, triton_quant
+from conqur_vllm.kernels.cuda import reference_fn
+
+QUICK_SHAPES = [(256, 512), (384, 1024), (96, 768)]
+QUICK_M = [1, 7, 16, 100, 300]
+QUICK_HADAMARD = [512, 768, 1024]
+INT32_POISON = -(2**31)
+RESULTS: list[dict] = []
+
+
+def record(name: str, ok: bool, **info: object) -> None:
+    RESULTS.append({"check": name, "ok": bool(ok), **info})
+    if not ok:
+        print(f"FAIL {name} {info}", flush=True)
+
+
+def exact_int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``a @ w.T``: cuBLAS int8 GEMM when it applies, else float32 products below 2^24."""
+    if a.shape[0] > 16:
+        return torch._int_mm(a, w.t())
+    return (a.float() @ w.float().t()).to(torch.int32)  # |sum| <= 128 * 8 * K < 2^24 for K <= 16384
+
+
+def check_gemm(m: int, n: int, k: int) -> None:
+    tag = {"M": m, "N": n, "K": k}
+    a4 = torch.randint(-8, 8, (m, k), dtype=torch.int8, device="cuda")
+    a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+    w = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
+    wp = pack_int4(w)
+    for a_name, a in (("a4", a4), ("a8", a8)):
+        ref = exact_int_mm(a, w)
+        for packed, b in ((True, wp), (False, w)):
+            out = torch.full((m, n), INT32_POISON, dtype=torch.int32, device="cuda")
+            triton_gemm.int_mm(a, b, packed=packed, out=out)
+            record("int_mm", torch.equal(out, ref), act=a_name, packed=packed, **tag)
+    a_scale = torch.rand(m, 1, device="cuda") * 0.05 + 0.01
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    for groups in (1, k // 128):
+        w_scale = torch.rand(n, groups, device="cuda") * 0.01 + 1e-3
+        ref32 = reference_fn(reference.int_scaled_mm)(a4, a_scale, w, w_scale, bias, torch.float32)
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        triton_gemm.scaled_mm(a4, a_scale, wp, w_scale, bias, torch.bfloat16, out=out)
+        err = (out.float() - ref32).abs()
+        tol = ref32.abs() * 2.0**-8 * (1 + 1e-4) + 1e-6 * float(ref32.abs().max())
+        rel = float((out.float() - ref32).norm() / ref32.norm())
+        exact = float((out == ref32.bfloat16()).float().mean())
+        record("scaled_mm_bf16", not out.isnan().any() and bool((err <= tol).all()), groups=groups,
+               rel_err=rel, max_err=float(err.max()), exact_bf16=exact, **tag)
+        out32 = torch.full((m, n), float("nan"), dtype=torch.float32, device="cuda")
+        triton_gemm.scaled_mm(a4, a_scale, wp, w_scale, bias, torch.float32, out=out32)
+        rel32 = float((out32 - ref32).norm() / ref32.norm())
+        record("scaled_mm_fp32", not out32.isnan().any() and rel32 < 1e-6, groups=groups, rel_err=rel32,
+               **tag)
+
+
+def _near_tie(y: torch.Tensor, scale: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+    v = (y.double() / scale.double()).clamp(-8, 7)
+    return ((v - v.floor()) - 0.5).abs() < tol
+
+
+def check_quant(m: int, k: int) -> None:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * (torch.rand(m, 1, device="cuda") * 4 + 0.1)
+    x[:, 1] += 20  # an outlier channel
+    blocks = [None, 128] if k % 128 == 0 else [None]
+    for block in blocks:
+        if not triton_quant.supports(k, block):
+            record("hadamard_quantize_supported", False, M=m, K=k, block=block)
+            continue
+        y = fast_hadamard_transform(x.float(), block)
+        ref_q, ref_s = reference_fn(reference.quantize_per_token)(y, 4, 0.9)
+        q = torch.full((m, k), 127, dtype=torch.int8, device="cuda")
+        s = torch.full((m, 1), float("nan"), device="cuda")
+        triton_quant.hadamard_quantize(x, block, 4, 0.9, out=(q, s))
+        plan = triton_quant.row_plan(k, block)
+        diff = q != ref_q
+        if plan.m == 1:
+            ok = torch.equal(q, ref_q) and torch.equal(s, ref_s)
+        else:
+            s_rel = float(((s - ref_s).abs() / ref_s).max())
+            ok = (s_rel < 1e-6 and bool((diff <= _near_tie(y, ref_s)).all())
+                  and int((q.int() - ref_q.int()).abs().max()) <= 1)
+        record("hadamard_quantize", ok, M=m, K=k, block=block, dense_m=plan.m,
+               code_mismatches=int(diff.sum()))
+        yk = torch.full_like(x, float("nan"))
+        yk.copy_(triton_quant.hadamard_transform(x, block))
+        yr = fast_hadamard_transform(x, block)
+        same = torch.equal(yk, yr) if plan.m == 1 else float((yk.float() - yr.float()).abs().max()) <= float(
+            yr.float().abs().max()) * 2.0**-7
+        record("hadamard_transform", same and not yk.isnan().any(), M=m, K=k, block=block)
+    q = torch.full((m, k), 127, dtype=torch.int8, device="cuda")
+    s = torch.full((m, 1), float("nan"), device="cuda")
+    triton_quant.quantize_per_token(x, 8, 1.0, out=(q, s))
+    ref_q, ref_s = reference_fn(reference.quantize_per_token)(x, 8, 1.0)
+    record("quantize_per_token", torch.equal(q, ref_q) and torch.equal(s, ref_s), M=m, K=k)
+
+
+def check_dispatch() -> None:
+    from conqur_vllm.kernels import cuda  # noqa: F401  (registers the CUDA kernels)
+
+    a = torch.randint(-8, 8, (5, 256), dtype=torch.int8, device="cuda")
+    w = torch.randint(-8, 8, (64, 256), dtype=torch.int8, device="cuda")
+    a_s, w_s = torch.rand(5, 1, device="cuda") + 0.1, torch.rand(64, 2, device="cuda") + 0.1
+    direct = triton_gemm.scaled_mm(a, a_s, pack_int4(w), w_s, None, torch.bfloat16)
+    via_op = torch.ops.conqur.int4_scaled_mm(a, a_s, pack_int4(w), w_s, None, torch.bfloat16)
+    via_int8 = torch.ops.conqur.int_scaled_mm(a, a_s, w, w_s, None, torch.bfloat16)
+    record("dispatch_int4_scaled_mm", torch.equal(direct, via_op) and torch.equal(direct, via_int8))
+    x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
+    fused = torch.ops.conqur.hadamard_quantize_per_token(x, 0, 4, 0.9)
+    record("dispatch_hadamard_quantize", all(torch.equal(u, v) for u, v in
+                                             zip(fused, triton_quant.hadamard_quantize(x, None, 4, 0.9),
+                                                 strict=True)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes only (seconds)")
+    args = parser.parse_args()
+    require_cuda("checked")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    shapes, ms, sizes = ((QUICK_SHAPES, QUICK_M, QUICK_HADAMARD) if args.quick
+                         else (GEMM_SHAPES, M_VALUES, HADAMARD_SIZES))
+    for n, k in shapes:
+        for m in ms:
+            check_gemm(m, n, k)
+            torch.cuda.empty_cache()
+    for k in sizes:
+        for m in ms:
+            check_quant(m, k)
+    check_dispatch()
+    torch.cuda.synchronize()
+    failed = [r for r in RESULTS if not r["ok"]]
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "check_kernels.json").write_text(json.dumps(RESULTS, indent=1))
+    worst = max((r.get("rel_err", 0.0) for r in RESULTS if r["check"] == "scaled_mm_bf16"), default=0.0)
+    print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed on {torch.cuda.get_device_name(0)}; "
+          f"worst bf16 GEMM rel err {worst:.2e}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

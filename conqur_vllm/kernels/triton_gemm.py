@@ -1,0 +1,200 @@
+"""Integer GEMM ``out = a_scale * sum_g w_scale[:, g] * (A @ Bᵀ)_g + bias`` in Triton (W4A4, W4A8, W8A8).
+
+- A: int8 codes ``[M, K]`` (INT4-valued for W4A4, full int8 for W4A8), float32 per-token scales ``[M, 1]``.
+- B: either packed INT4 ``[N, K/8]`` int32 (compressed-tensors ``pack-quantized``: value ``v`` as nibble
+  ``v + 8``, value ``i`` of a word at bits ``4i``, words along K), unpacked in-kernel to int8; or int8
+  ``[N, K]``.
+- ``tl.dot`` int8 x int8 with int32 accumulation (INT8 tensor-core MMA), one int32 accumulator per K-group
+  (``w_scale [N, G]``, G = 1 for per-channel scales); each group's sum is scaled into a float32 accumulator.
+- Epilogue in float32 in the reference op's order (``Σ_g acc_g * w_scale_g``, ``* a_scale``, ``+ bias``),
+  cast to the output dtype (bf16 / fp16 / fp32). :func:`int_mm` stores the raw int32 accumulators instead.
+
+Tile configs are fixed per M bucket (no autotuning): decode (M <= 16), mid (M < 256), prefill (M >= 256).
+The K tile divides the group size, so no K tile straddles two groups; K must be a multiple of 32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MIN_BLOCK_K = 32
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes, warps and pipeline depth of one launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+DECODE = TileConfig(16, 32, 256, 4, 4)
+MID = TileConfig(64, 64, 128, 4, 4)
+PREFILL = TileConfig(128, 128, 128, 8, 4)
+
+
+def config_for(m: int) -> TileConfig:
+    """The fixed tile config for ``m`` rows."""
+    return DECODE if m <= 16 else MID if m < 256 else PREFILL
+
+
+def _fit_block_k(cfg: TileConfig, group_size: int) -> TileConfig:
+    bk = cfg.block_k
+    while bk > MIN_BLOCK_K and group_size % bk:
+        bk //= 2
+    return cfg if bk == cfg.block_k else replace(cfg, block_k=bk)
+
+
+def supports(k: int, groups: int = 1) -> bool:
+    """Whether the kernel handles reduction size ``k`` split into ``groups`` scale groups."""
+    return k > 0 and groups > 0 and k % groups == 0 and (k // groups) % MIN_BLOCK_K == 0
+
+
+@triton.jit
+def _load_b(b_ptr, offs_n, k0, N, stride_bn, stride_bk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            B_PACKED: tl.constexpr):
+    """The int8 ``[BLOCK_K, BLOCK_N]`` tile of Bᵀ at K offset ``k0``."""
+    n_mask = offs_n[None, :] < N
+    if B_PACKED:
+        words = (k0 // 8) + tl.arange(0, BLOCK_K // 8)
+        w = tl.load(b_ptr + offs_n[None, :] * stride_bn + words[:, None] * stride_bk, mask=n_mask, other=0)
+        shifts = (tl.arange(0, 8) * 4)[None, :, None]
+        nib = (w[:, None, :] >> shifts) & 0xF
+        return tl.reshape((nib - 8).to(tl.int8), (BLOCK_K, BLOCK_N))
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk, mask=n_mask, other=0)
+
+
+@triton.jit
+def _int_gemm_kernel(
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
+    M, N, n_groups, group_size,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsg, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = (M + BLOCK_M - 1) // BLOCK_M
+    grid_n = (N + BLOCK_N - 1) // BLOCK_N
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows_here = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows_here
+    pid_n = (pid % width) // rows_here
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+
+    out = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)
+    for g in range(n_groups):
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)
+        for kk in range(0, group_size, BLOCK_K):
+            k0 = g * group_size + kk
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=m_mask[:, None], other=0)
+            b = _load_b(b_ptr, offs_n64, k0, N, stride_bn, stride_bk, BLOCK_N, BLOCK_K, B_PACKED)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        if not RAW_ACC:
+            ws = tl.load(b_scale_ptr + offs_n64 * stride_bsn + g * stride_bsg, mask=n_mask, other=0.0)
+            out += acc.to(tl.float32) * ws[None, :]
+
+    c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    if RAW_ACC:
+        tl.store(c_ptrs, acc, mask=c_mask)
+    else:
+        out = out * tl.load(a_scale_ptr + offs_m64, mask=m_mask, other=0.0)[:, None]
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + offs_n64, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _check(a_q: Tensor, b: Tensor, packed: bool) -> tuple[int, int, int]:
+    if a_q.dtype != torch.int8 or a_q.dim() != 2:
+        raise ValueError(f"activations must be 2-D int8 codes, got {a_q.dtype} {tuple(a_q.shape)}")
+    m, k = a_q.shape
+    want = torch.int32 if packed else torch.int8
+    cols = k // 8 if packed else k
+    if b.dtype != want or b.dim() != 2 or b.shape[1] != cols:
+        kind = "packed INT4" if packed else "int8"
+        raise ValueError(f"weights must be {want} [N, {cols}] for K={k} ({kind}), "
+                         f"got {b.dtype} {tuple(b.shape)}")
+    return m, b.shape[0], k
+
+
+def _run(
+    a_q: Tensor, b: Tensor, a_scale: Tensor | None, b_scale: Tensor | None, bias: Tensor | None,
+    out: Tensor, packed: bool, config: TileConfig | None,
+) -> Tensor:
+    m, n, k = a_q.shape[0], b.shape[0], a_q.shape[1]
+    groups = 1 if b_scale is None else b_scale.shape[1]
+    if not supports(k, groups):
+        raise ValueError(f"K={k} with {groups} scale groups: each group must be a multiple of {MIN_BLOCK_K}")
+    if m == 0 or n == 0:
+        return out
+    gs = k // groups
+    cfg = _fit_block_k(config or config_for(m), gs)
+    raw = a_scale is None
+    a_s = out if raw else a_scale.reshape(m).to(torch.float32).contiguous()
+    b_s = out if raw else b_scale.to(torch.float32)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _int_gemm_kernel[grid](
+        a_q, b, a_s, b_s, bias if bias is not None else out, out,
+        m, n, groups, gs,
+        a_q.stride(0), a_q.stride(1), b.stride(0), b.stride(1),
+        b_s.stride(0) if not raw else 0, b_s.stride(1) if not raw else 0, out.stride(0), out.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        B_PACKED=packed, HAS_BIAS=bias is not None, RAW_ACC=raw,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _out(out: Tensor | None, m: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if out is None:
+        return torch.empty((m, n), dtype=dtype, device=device)
+    if out.shape != (m, n) or out.dtype != dtype:
+        raise ValueError(f"out must be {dtype} [{m}, {n}], got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def int_mm(
+    a_q: Tensor, b: Tensor, *, packed: bool = True, config: TileConfig | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Exact int32 ``a_q @ Bᵀ`` (B packed INT4 ``[N, K/8]`` int32 if ``packed``, else int8 ``[N, K]``)."""
+    m, n, _ = _check(a_q, b, packed)
+    return _run(a_q, b, None, None, None, _out(out, m, n, torch.int32, a_q.device), packed, config)
+
+
+def scaled_mm(
+    a_q: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16, *, packed: bool = True, config: TileConfig | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``a_scale * Σ_g b_scale[:, g] * (a_q @ Bᵀ)_g + bias`` (the ``conqur::int_scaled_mm`` contract)."""
+    m, n, _ = _check(a_q, b, packed)
+    if b_scale.dim() != 2 or b_scale.shape[0] != n:
+        raise ValueError(f"weight scales must be [N={n}, G], got {tuple(b_scale.shape)}")
+    if a_scale.numel() != m:
+        raise ValueError(f"activation scales must have M={m} entries, got {tuple(a_scale.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [N={n}], got {tuple(bias.shape)}")
+    out = _out(out, m, n, out_dtype, a_q.device)
+    bias = bias.contiguous() if bias is not None else None
+    return _run(a_q, b, a_scale, b_scale, bias, out, packed, config)
