@@ -24,14 +24,16 @@ from torch import nn
 
 from conqur_vllm.checkpoint import quantized_linear_tensors, read_checkpoint_tensors, write_checkpoint
 from conqur_vllm.config import CheckpointConfigError, ConqurQuantConfig
-from conqur_vllm.formats import pack_int4, unpack_int32
+from conqur_vllm.formats import unpack_int32
 from conqur_vllm.hadamard import block_hadamard_matrix, hadamard_matrix
 from conqur_vllm.kernels import int_matmul, make_int_gemm, onednn_available
 from conqur_vllm.quant import QuantSpec, activation_spec, fake_quantize, quantize, quantize_weight_rtn
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_ONEDNN = onednn_available()
-BACKENDS = ["reference", pytest.param("onednn", marks=pytest.mark.skipif(not HAS_ONEDNN, reason="no oneDNN"))]
+NO_ONEDNN = pytest.mark.skipif(not HAS_ONEDNN, reason="vLLM's CPU extension with oneDNN is not loaded")
+BACKENDS = ["reference", pytest.param("onednn", marks=NO_ONEDNN), pytest.param("hybrid", marks=NO_ONEDNN)]
+GEMM_NAMES = {"reference": "reference", "onednn": "onednn", "hybrid": "onednn+reference"}
 
 
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -85,16 +87,17 @@ def _gemm_reference(a, a_s, b, b_s, bias):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("groups", [1, 4])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_int_gemm_backends_match_float64(backend: str, groups: int, out_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("m", [5, 33])  # the hybrid backend sends fewer than 16 rows to the reference GEMM
+def test_int_gemm_backends_match_float64(backend: str, groups: int, out_dtype: torch.dtype, m: int) -> None:
     g = torch.Generator().manual_seed(groups)
-    m, k, n = 33, 256, 96
+    k, n = 256, 96
     a = torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=g)
     b = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
     a_s = torch.rand(m, 1, generator=g) + 0.1
     b_s = torch.rand(n, groups, generator=g) + 0.1
     bias = torch.randn(n, generator=g)
     gemm = make_int_gemm(b.clone(), b_s.clone(), out_dtype, backend)
-    assert gemm.name == backend
+    assert gemm.name == GEMM_NAMES[backend] and (gemm.b_q is None) == (backend == "onednn")
     out = gemm(a, a_s, bias.to(out_dtype))
     assert out.dtype == out_dtype and out.shape == (m, n)
     assert rel_err(_gemm_reference(a, a_s, b, b_s, bias), out) < (1e-6 if out_dtype == torch.float32 else 1e-2)
@@ -116,10 +119,24 @@ def test_onednn_extremes_do_not_saturate_and_weights_are_owned() -> None:
 def test_int8_weights_use_the_reference_kernel() -> None:
     b = torch.randint(-128, 128, (16, 64), dtype=torch.int8)
     assert make_int_gemm(b, torch.ones(16, 1), torch.float32).name == "reference"
-    with pytest.raises(ValueError, match="oneDNN backend needs INT4"):
-        make_int_gemm(b, torch.ones(16, 1), torch.float32, "onednn")
+    for backend in ("onednn", "hybrid"):
+        with pytest.raises(ValueError, match=f"the {backend} backend needs INT4 weights on CPU"):
+            make_int_gemm(b, torch.ones(16, 1), torch.float32, backend)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown integer GEMM backend"):
         make_int_gemm(b, torch.ones(16, 1), torch.float32, "cutlass")  # type: ignore[arg-type]
+
+
+def test_backend_env_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conqur_vllm.kernels import BACKEND_ENV, backend_from_env
+    from conqur_vllm.vllm_plugin.linear_method import ConqurLinearMethod
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert backend_from_env() == "auto"
+    monkeypatch.setenv(BACKEND_ENV, "Reference")
+    assert ConqurLinearMethod(_plugin_config(), "model.layers.0.mlp.up_proj").backend == "reference"
+    monkeypatch.setenv(BACKEND_ENV, "cublas")
+    with pytest.raises(ValueError, match="CONQUR_INT_GEMM='cublas' is not a backend; use one of auto, hybrid"):
+        backend_from_env()
 
 
 def test_custom_ops_pass_opcheck() -> None:
@@ -132,6 +149,16 @@ def test_custom_ops_pass_opcheck() -> None:
     torch.library.opcheck(torch.ops.conqur.int_scaled_mm.default, (a, a_s, b, b_s, torch.randn(32), torch.float32))
     torch.library.opcheck(torch.ops.conqur.hadamard_transform.default, (x, 0))
     torch.library.opcheck(torch.ops.conqur.hadamard_transform.default, (x, 16))
+
+
+@NO_ONEDNN
+def test_onednn_op_passes_opcheck() -> None:
+    b = torch.randint(-8, 8, (32, 64), dtype=torch.int8)
+    gemm = make_int_gemm(b, torch.rand(32, 2) + 0.1, torch.float32, "hybrid")
+    for m in (4, 20):
+        a, a_s = torch.ops.conqur.quantize_per_token(torch.randn(m, 64), 4, 0.9)
+        args = (a, a_s, gemm.handles, 32, torch.randn(32), torch.float32, gemm.b_q, gemm.b_scale, gemm.small_m)
+        torch.library.opcheck(torch.ops.conqur.onednn_int_scaled_mm.default, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -159,7 +186,7 @@ def test_ops_under_torch_compile(backend: str) -> None:
 @pytest.fixture
 def vllm_tp1(monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM parameters read the tensor-parallel rank at creation: act as rank 0 of 1 without a process group."""
-    import vllm.model_executor.parameter as parameter
+    from vllm.model_executor import parameter
 
     monkeypatch.setattr(parameter, "get_tensor_model_parallel_rank", lambda: 0)
     monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
@@ -196,13 +223,13 @@ def _build_layer(method, w: torch.Tensor, bias: torch.Tensor | None, group_size:
 
 
 LINEAR_CASES = {
-    "per-channel W4A4": dict(prefix="model.layers.0.self_attn.qkv_proj", group_size=None, act_bits=4),
-    "group-64 W4A4": dict(prefix="model.layers.0.mlp.gate_up_proj", group_size=64, act_bits=4),
-    "bias (Qwen2 qkv)": dict(prefix="model.layers.0.self_attn.qkv_proj", group_size=None, act_bits=4, bias=True),
-    "W4A8": dict(prefix="model.layers.0.self_attn.o_proj", group_size=None, act_bits=8),
-    "R4 down_proj": dict(prefix="model.layers.1.mlp.down_proj", group_size=None, act_bits=4, r4=0),
-    "R4 block-64 + group-32": dict(prefix="model.layers.1.mlp.down_proj", group_size=32, act_bits=4, r4=64),
-    "W4A16 weight-only": dict(prefix="model.layers.0.mlp.down_proj", group_size=None, act_bits=16),
+    "per-channel W4A4": {"prefix": "model.layers.0.self_attn.qkv_proj", "group_size": None, "act_bits": 4},
+    "group-64 W4A4": {"prefix": "model.layers.0.mlp.gate_up_proj", "group_size": 64, "act_bits": 4},
+    "bias (Qwen2 qkv)": {"prefix": "model.layers.0.self_attn.qkv_proj", "group_size": None, "act_bits": 4, "bias": True},
+    "W4A8": {"prefix": "model.layers.0.self_attn.o_proj", "group_size": None, "act_bits": 8},
+    "R4 down_proj": {"prefix": "model.layers.1.mlp.down_proj", "group_size": None, "act_bits": 4, "r4": 0},
+    "R4 block-64 + group-32": {"prefix": "model.layers.1.mlp.down_proj", "group_size": 32, "act_bits": 4, "r4": 64},
+    "W4A16 weight-only": {"prefix": "model.layers.0.mlp.down_proj", "group_size": None, "act_bits": 16},
 }
 
 
@@ -241,8 +268,11 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
         assert rel_err(x.reshape(-1, k).double() @ w_deq.t(), out.reshape(-1, n)) > 0.3
     # memory: packed tensors are gone; what stays is int8 codes (reference) or oneDNN's copy, and the scales
     assert not hasattr(layer, "weight_packed") and not hasattr(layer, "weight_shape")
-    if c["act_bits"] < 16 and backend == "reference":
-        assert layer.weight_int.dtype == torch.int8 and layer.weight_int.shape == (n, k)
+    if c["act_bits"] < 16:
+        assert layer.conqur_gemm.name == GEMM_NAMES[backend]
+        assert hasattr(layer, "weight_int") == (backend != "onednn")
+        if backend != "onednn":
+            assert layer.weight_int.dtype == torch.int8 and layer.weight_int.shape == (n, k)
 
 
 def test_linear_method_bfloat16_input(vllm_tp1: None) -> None:
@@ -375,6 +405,10 @@ def test_default_kv_cache_dtype() -> None:
         default_kv_cache_dtype(kv4, cpu_plain, requested="fp8")
     with pytest.raises(ValueError, match="use 'fp8'"):
         default_kv_cache_dtype(kv4, gpu, requested="fp8_e5m2")
+    # the model dtype opts out of the fp8 default; another 16-bit dtype is not the model's
+    assert default_kv_cache_dtype(kv4, cpu_fp8, requested="bfloat16", model_dtype="bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="'float16' is not available on cpu"):
+        default_kv_cache_dtype(kv4, cpu_fp8, requested="float16", model_dtype="bfloat16")
 
 
 def test_kv_cache_scheme_follows_platform_default() -> None:
@@ -453,6 +487,10 @@ def test_kv_method_rejects_cache_dtype_the_platform_lacks() -> None:
     layer = _FakeAttention(4, 64, kv_cache_dtype="int8_per_token_head")
     with pytest.raises(ValueError, match="not available on cpu"):
         ConqurKVCacheMethod(_plugin_config()).create_weights(layer)
+    layer = _FakeAttention(4, 64, kv_cache_dtype="bfloat16")
+    layer.dtype = torch.bfloat16  # the model dtype: an unquantized cache is always allowed
+    ConqurKVCacheMethod(_plugin_config()).create_weights(layer)
+    assert layer.k_scale is not None
 
 
 def test_r3_size_must_match_head_dim() -> None:
@@ -466,6 +504,8 @@ def test_r3_size_must_match_head_dim() -> None:
 # ================================================================================ end to end through vLLM
 
 HIDDEN, INTER, HEAD_DIM, VOCAB = 256, 512, 64, 512
+FP32 = {"max_diff": 0.05, "mean_diff": 2e-3, "greedy_margin": 0.05}
+FP8_KV = {"max_diff": 0.3, "mean_diff": 0.05, "greedy_margin": 0.3}  # fp8 KV (AVX-512/AMX): rounding may differ
 PROMPTS = [
     [1, 5, 9, 100, 200, 300, 7, 8, 9, 10, 11, 12, 400, 401, 402, 403, 17, 18, 19, 20, 21, 22, 23, 24],
     [1, 44, 33, 22, 11, 500, 499, 3, 3, 3, 3, 250, 251],
@@ -475,7 +515,8 @@ GEN_TOKENS = 8
 
 
 def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = None, act_bits: int = 4,
-                          r4_block: int | None = 0, r3: bool = True, kv_bits: int = 4, seed: int = 0) -> Path:
+                          r4_block: int | None = 0, r3: bool = True, kv_bits: int = 4, seed: int = 0,
+                          gain: float = 1.5) -> Path:
     """A random decoder quantized by RTN (``quant.py``), packed and written by ``checkpoint.write_checkpoint``.
 
     ``r4_block``: None = no R4, 0 = one Hadamard over the intermediate size, else the block size.
@@ -495,7 +536,7 @@ def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = No
     for name, p in model.named_parameters():
         module = name.rsplit(".", 1)[0]
         if ".layers." in name and name.endswith(".weight") and p.dim() == 2:
-            w = torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[1])
+            w = torch.randn(p.shape, generator=g) * gain / math.sqrt(p.shape[1])
             b = getattr(model.get_submodule(module), "bias", None)
             bias = None if b is None else 0.3 * torch.randn(b.shape, generator=g)
             qt = quantize_weight_rtn(w, QuantSpec(4, group_size=group_size), clip_search=False)
@@ -522,13 +563,18 @@ def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = No
     return write_checkpoint(out, tensors, model.config.to_dict(), quant)
 
 
-def reference_logprobs(ckpt: Path, prompts: list[list[int]], *, act: bool = True, r4: bool = True,
-                       generate: bool = True) -> tuple[list[list[float]], list[list[int]]]:
-    """Float32 transformers forward of the dequantized checkpoint with the checkpoint's fake quantization.
+class Fp8RoundTrip:
+    """K/V as an fp8 (e4m3, scale 1) KV cache stores them: vLLM's CPU cache on AVX-512/AMX machines."""
 
-    Returns per prompt the log-probabilities of tokens 1.. and (if ``generate``) a greedy continuation of
-    GEN_TOKENS tokens.
-    """
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float8_e4m3fn).to(x.dtype)
+
+
+def reference_log_softmax(ckpt: Path, sequences: list[list[int]], *, act: bool = True, r4: bool = True,
+                          kv_fp8: bool = False) -> list[torch.Tensor]:
+    """Float32 transformers forward of the dequantized checkpoint with the checkpoint's fake quantization
+    (per-token activations, R4, R3, and an fp8 KV cache if ``kv_fp8``): the ``[len, vocab]`` log-softmax of
+    each sequence."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from conqur_vllm.fake_quant import ActQuant, AttentionSim, install
@@ -552,18 +598,17 @@ def reference_logprobs(ckpt: Path, prompts: list[list[int]], *, act: bool = True
     r4_t, r3_t = qc.transform("down_proj_input"), qc.transform("qk_post_rope")
     bits = qc.activations.num_bits if act and qc.activations.num_bits < 16 else None
     install(model, get_adapter(config), act=ActQuant(bits=bits, clip_ratio=qc.activations.clip_ratio),
-            attention=AttentionSim(r3=r3_t is not None), r4=r4 and r4_t is not None,
+            attention=AttentionSim(r3=r3_t is not None, **({"kv": Fp8RoundTrip()} if kv_fp8 else {})),
+            r4=r4 and r4_t is not None,
             r4_block=r4_t.block if r4_t else None)
-    logprobs, greedy = [], []
     with torch.no_grad():
-        for ids in prompts:
-            lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-            logprobs.append([float(lp[i - 1, ids[i]]) for i in range(1, len(ids))])
-            seq = list(ids)
-            for _ in range(GEN_TOKENS if generate else 0):
-                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-            greedy.append(seq[len(ids):])
-    return logprobs, greedy
+        return [model(torch.tensor([ids])).logits[0].log_softmax(-1) for ids in sequences]
+
+
+def reference_logprobs(ckpt: Path, prompts: list[list[int]], **variant: bool) -> list[list[float]]:
+    """Reference log-probabilities of tokens 1.. of each prompt."""
+    return [[float(lp[i - 1, ids[i]]) for i in range(1, len(ids))]
+            for lp, ids in zip(reference_log_softmax(ckpt, prompts, **variant), prompts)]
 
 
 def _inspect_model(model: nn.Module) -> dict[str, Any]:
@@ -594,7 +639,9 @@ def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm.inputs import TokensPrompt
 
     from conqur_vllm.vllm_plugin.kv_dtype import default_kv_cache_dtype
-    from tests.test_vllm_plugin import _inspect_model as inspect_model  # picklable by module path, not __main__
+    from tests.test_vllm_plugin import (
+        _inspect_model as inspect_model,  # picklable by module path, not __main__
+    )
 
     llm = LLM(model=spec["model"], enforce_eager=spec["eager"], dtype=spec["dtype"], max_model_len=128,
               skip_tokenizer_init=True, seed=0, max_num_seqs=4, **spec.get("llm_kwargs", {}))
@@ -625,34 +672,41 @@ def vllm_in_subprocess(tmp_path: Path, spec: dict[str, Any], env: dict[str, str]
         "HF_HUB_OFFLINE": "1",
     }
     proc = subprocess.run([sys.executable, __file__, str(spec_path)], env={**os.environ, **base, **(env or {})},
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
+                          capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
     if proc.returncode != 0:
         raise AssertionError(f"vLLM run failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
     return json.loads(out_path.read_text())
 
 
-def _mean_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
+def _diffs(a: list[list[float]], b: list[list[float]]) -> list[float]:
     diffs = [abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
     assert len(diffs) == sum(len(p) - 1 for p in PROMPTS)
-    return sum(diffs) / len(diffs)
+    return diffs
 
 
-def assert_matches_reference(result: dict[str, Any], ckpt: Path, *, tol: float, greedy: bool = True) -> None:
-    """Max |logprob difference| below ``tol``; the reference without activation quantization (or without R4)
-    is at least 5x farther from vLLM's numbers, so the comparison can tell them apart."""
-    ref, ref_greedy = reference_logprobs(ckpt, PROMPTS, generate=greedy)
-    worst = max(abs(x - y) for ra, rb in zip(result["logprobs"], ref) for x, y in zip(ra, rb))
-    assert worst < tol, f"max |logprob diff| {worst:.4f} >= {tol}"
-    close = _mean_abs_diff(result["logprobs"], ref)
-    variants = [dict(act=False)]
+def assert_matches_reference(result: dict[str, Any], ckpt: Path, *, max_diff: float, mean_diff: float,
+                             greedy_margin: float, act_variant: bool = True) -> None:
+    """vLLM's prompt logprobs are within ``mean_diff`` on average and ``max_diff`` at worst of the reference
+    (a rare activation code flipping at a rounding boundary explains the worst case). The references without
+    activation quantization (if ``act_variant``) and without R4 are 5x farther, so the check can tell them
+    apart. Each greedy token is the reference's argmax up to ``greedy_margin`` (near-ties may pick either).
+    An fp8 KV cache (the default where the CPU has AVX-512 or AMX) is emulated in the reference."""
+    kv_fp8 = result["default_kv"].startswith("fp8")
+    diffs = _diffs(result["logprobs"], reference_logprobs(ckpt, PROMPTS, kv_fp8=kv_fp8))
+    close = sum(diffs) / len(diffs)
+    assert max(diffs) < max_diff and close < mean_diff, f"|logprob diff| max {max(diffs):.4f}, mean {close:.4f}"
+    variants = [{"act": False}] if act_variant else []
     if ConqurQuantConfig.from_model_dir(ckpt).transform("down_proj_input") is not None:
-        variants.append(dict(r4=False))
+        variants.append({"r4": False})
     for variant in variants:
-        far = _mean_abs_diff(result["logprobs"], reference_logprobs(ckpt, PROMPTS, generate=False, **variant)[0])
-        assert far > 5 * max(close, 1e-3), f"reference {variant} ({far:.4f}) is as close as the real one ({close:.4f})"
+        far = _diffs(result["logprobs"], reference_logprobs(ckpt, PROMPTS, kv_fp8=kv_fp8, **variant))
+        assert sum(far) / len(far) > 5 * max(close, 1e-3), f"reference {variant} is as close as the real one"
+    sequences = [p + g for p, g in zip(PROMPTS, result["greedy"])]
     assert all(len(g) == GEN_TOKENS for g in result["greedy"])
-    if greedy:
-        assert result["greedy"] == ref_greedy
+    for lp, prompt, gen in zip(reference_log_softmax(ckpt, sequences, kv_fp8=kv_fp8), PROMPTS, result["greedy"]):
+        steps = lp[len(prompt) - 1:-1]
+        margin = steps.max(-1).values - steps[torch.arange(len(gen)), torch.tensor(gen)]
+        assert float(margin.max()) <= greedy_margin, f"greedy token off the reference argmax by {margin.max():.3f}"
 
 
 def assert_served_by_plugin(result: dict[str, Any], layers: int = 2) -> None:
@@ -661,7 +715,7 @@ def assert_served_by_plugin(result: dict[str, Any], layers: int = 2) -> None:
     for i in range(layers):
         for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
             assert info["methods"][f"model.layers.{i}.{name}"] == "ConqurLinearMethod"
-            assert info["gemm"][f"model.layers.{i}.{name}"] == ("onednn" if HAS_ONEDNN else "reference")
+            assert info["gemm"][f"model.layers.{i}.{name}"] == ("onednn+reference" if HAS_ONEDNN else "reference")
         assert info["methods"][f"model.layers.{i}.self_attn.attn"] == "ConqurKVCacheMethod"
     assert info["methods"]["lm_head"] == "UnquantizedEmbeddingMethod"
     assert info["methods"]["model.embed_tokens"] == "UnquantizedEmbeddingMethod"
@@ -695,8 +749,7 @@ def test_vllm_llama_from_entry_point_matches_reference(llama_ckpt: Path, tmp_pat
         env=entry_point_env(tmp_path),
     )
     assert_served_by_plugin(result)
-    kv = result["default_kv"]
-    assert_matches_reference(result, llama_ckpt, tol=1e-2 if kv == "auto" else 0.3, greedy=kv == "auto")
+    assert_matches_reference(result, llama_ckpt, **(FP32 if result["default_kv"] == "auto" else FP8_KV))
 
 
 @pytest.mark.slow
@@ -704,8 +757,7 @@ def test_vllm_llama_compiled_matches_reference(llama_ckpt: Path, tmp_path: Path)
     result = vllm_in_subprocess(tmp_path, {"model": llama_ckpt, "eager": False, "dtype": "float32",
                                            "prompts": PROMPTS})
     assert_served_by_plugin(result)
-    kv = result["default_kv"]
-    assert_matches_reference(result, llama_ckpt, tol=1e-2 if kv == "auto" else 0.3, greedy=kv == "auto")
+    assert_matches_reference(result, llama_ckpt, **(FP32 if result["default_kv"] == "auto" else FP8_KV))
 
 
 @pytest.mark.slow
@@ -715,15 +767,17 @@ def test_vllm_qwen2_bias_groups_w4a8(tmp_path: Path) -> None:
     result = vllm_in_subprocess(tmp_path, {"model": ckpt, "eager": True, "dtype": "float32", "prompts": PROMPTS})
     assert_served_by_plugin(result)
     assert result["default_kv"] == "auto"
-    assert_matches_reference(result, ckpt, tol=1e-2)
+    assert_matches_reference(result, ckpt, **FP32)
 
 
 @pytest.mark.slow
-def test_vllm_mistral_bfloat16(tmp_path: Path) -> None:
-    ckpt = write_tiny_checkpoint(tmp_path / "mistral", "mistral", kv_bits=16, seed=2)
+def test_vllm_mistral_bfloat16_w4a8(tmp_path: Path) -> None:
+    """bfloat16 activations: bf16 rounding flips some activation codes, so the bound is looser than float32's;
+    W4A8 keeps each flip small (with A4 the flips alone move the logprobs as much as A4 itself)."""
+    ckpt = write_tiny_checkpoint(tmp_path / "mistral", "mistral", act_bits=8, kv_bits=16, seed=2, gain=1.0)
     result = vllm_in_subprocess(tmp_path, {"model": ckpt, "eager": True, "dtype": "bfloat16", "prompts": PROMPTS})
     assert_served_by_plugin(result)
-    assert_matches_reference(result, ckpt, tol=0.5, greedy=False)
+    assert_matches_reference(result, ckpt, max_diff=0.4, mean_diff=0.1, greedy_margin=0.5, act_variant=False)
 
 
 @pytest.mark.slow
@@ -737,7 +791,7 @@ def test_vllm_tensor_parallel_2_matches_single_device_reference(tmp_path: Path) 
          "llm_kwargs": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}},
         env={**entry_point_env(tmp_path), "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     )
-    assert_matches_reference(result, ckpt, tol=1e-2)
+    assert_matches_reference(result, ckpt, **FP32)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from conqur_vllm.rotation.conqur import CornerSite, corner_objective, normalize_
 from conqur_vllm.rotation.fuse import rotate_residual, rotate_values
 from conqur_vllm.rotation.rotations import Rotations, head_dim_of
 
-MAX_WEIGHT_ROWS = 32768
+MAX_WEIGHT_ROWS = 16384
 
 
 @dataclass
@@ -64,7 +64,7 @@ def reader_weight_rows(model: nn.Module, adapter: ModelAdapter, r1: torch.Tensor
     if w.shape[0] > MAX_WEIGHT_ROWS:
         idx = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:MAX_WEIGHT_ROWS]
         w = w[idx]
-    return normalize_rows(w) @ r1.to(torch.float64).T
+    return normalize_rows(w, dtype=torch.float32) @ r1.to(torch.float32).T
 
 
 class _SiteRecorder:
@@ -143,7 +143,10 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
                 model(batches[step % len(batches)].to(device), use_cache=False)
             old_r1 = site1.rotation
             x1 = torch.cat(recorder.residual)
-            u1 = normalize_rows(x1) @ old_r1.T
+            if x1.shape[0] > opts.max_vectors:  # a seeded sample bounds memory per update
+                gen = torch.Generator().manual_seed(seed * 100003 + step)
+                x1 = x1[torch.randperm(x1.shape[0], generator=gen)[: opts.max_vectors]]
+            u1 = normalize_rows(x1, dtype=torch.float32) @ old_r1.to(torch.float32).T
             w1 = _token_weights(x1, opts.massive_token_weight)
             extra = opts.weight_mu * u1.shape[0] if rows is not None else 0.0
             b1, a1 = site1.update(u1, weights=w1, extra_u=rows, extra_scale=extra, alternations=opts.alternations)

@@ -22,6 +22,7 @@ class ConqurOptions(BaseModel):
     weight_mu: float = Field(default=2.0, ge=0.0, description="weight of reader weight rows in the R1 objective")
     learn_r2: bool = True
     quantized_forward: bool = True
+    max_vectors: int = Field(default=32768, ge=256, description="R1 site vectors sampled per update (memory cap)")
     massive_token_weight: float = Field(default=1.0, gt=0.0, description="weight of tokens > 8x median norm")
 
 

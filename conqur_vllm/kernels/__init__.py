@@ -1,13 +1,21 @@
 """Integer W4A4 kernels behind custom-op names (``torch.ops.conqur.*``) and the backend choice.
 
 Importing this package registers ``conqur::quantize_per_token``, ``conqur::int_scaled_mm``,
-``conqur::hadamard_transform`` and (CPU) ``conqur::onednn_int_scaled_mm``. :func:`make_int_gemm` returns the
-fastest correct GEMM for a weight: oneDNN on CPU when vLLM's CPU extension is loaded and the weights are INT4,
-else the reference op.
+``conqur::hadamard_transform`` and (CPU) ``conqur::onednn_int_scaled_mm``.
+
+Backends of :func:`make_int_gemm` (resident bytes per weight in brackets):
+
+- ``reference`` [1]: ``conqur::int_scaled_mm`` on int8 codes (exact integer accumulation; any device).
+- ``onednn`` [1]: oneDNN s8 x s8 GEMM held by vLLM's CPU extension; fastest from ~32 rows on.
+- ``hybrid`` [2]: oneDNN, plus the codes for the reference GEMM on calls with fewer than 16 rows (decode).
+- ``auto``: ``hybrid`` on CPU when oneDNN is there and the weights are INT4, else ``reference``.
+
+The ``CONQUR_INT_GEMM`` environment variable picks the backend of the vLLM plugin (default ``auto``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Literal
 
@@ -18,29 +26,47 @@ from conqur_vllm.kernels import onednn, reference, transforms  # noqa: F401  (re
 from conqur_vllm.kernels.onednn import OneDNNIntGemm, onednn_available
 from conqur_vllm.kernels.reference import ReferenceIntGemm, int_matmul
 
-Backend = Literal["auto", "onednn", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "onednn", "reference")
+Backend = Literal["auto", "hybrid", "onednn", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "hybrid", "onednn", "reference")
+BACKEND_ENV = "CONQUR_INT_GEMM"
+
+IntGemm = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
-def make_int_gemm(
-    b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype, backend: Backend = "auto"
-) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
-    """A callable ``(a_q, a_scale, bias) -> out`` for weights ``b_q`` (int8 ``[N, K]``) and scales ``[N, G]``."""
+def backend_from_env() -> Backend:
+    """The backend named by ``CONQUR_INT_GEMM`` (``auto`` when unset); a bad value is a one-line error."""
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={value!r} is not a backend; use one of {', '.join(BACKENDS)}")
+    return value  # type: ignore[return-value]
+
+
+def make_int_gemm(b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype, backend: Backend = "auto") -> IntGemm:
+    """A callable ``(a_q, a_scale, bias) -> out`` for weights ``b_q`` (int8 ``[N, K]``) and scales ``[N, G]``.
+
+    The returned object has ``name`` (the backend used) and ``b_q`` (the int8 codes it keeps, or None).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown integer GEMM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     int4 = b_q.numel() == 0 or int(b_q.abs().max()) <= onednn.MAX_WEIGHT_CODE
     usable = b_q.device.type == "cpu" and int4 and onednn_available()
-    if backend == "onednn" and not usable:
-        raise ValueError("the oneDNN backend needs INT4 weights on CPU and vLLM's CPU extension; use backend='auto'")
-    if backend == "onednn" or (backend == "auto" and usable):
+    if backend in ("onednn", "hybrid") and not usable:
+        raise ValueError(f"the {backend} backend needs INT4 weights on CPU and vLLM's CPU extension; "
+                         "use backend 'auto' or 'reference'")
+    if backend == "onednn":
         return OneDNNIntGemm(b_q, b_scale, out_dtype)
+    if backend == "hybrid" or (backend == "auto" and usable):
+        return OneDNNIntGemm(b_q, b_scale, out_dtype, keep_codes=True)
     return ReferenceIntGemm(b_q, b_scale, out_dtype)
 
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_ENV",
+    "IntGemm",
     "OneDNNIntGemm",
     "ReferenceIntGemm",
+    "backend_from_env",
     "int_matmul",
     "make_int_gemm",
     "onednn_available",

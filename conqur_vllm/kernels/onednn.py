@@ -1,12 +1,16 @@
 """CPU integer GEMM through vLLM's oneDNN int8 matmul (s8 x s8 -> s32 accumulation, float epilogue).
 
-``conqur::onednn_int_scaled_mm(a_q, a_scale, handles, n, bias, out_dtype)`` has the contract of
-``conqur::int_scaled_mm`` (see ``reference.py``) but takes the weights as oneDNN handlers created by
+``conqur::onednn_int_scaled_mm(a_q, a_scale, handles, n, bias, out_dtype, b_q, b_scale, small_m)`` has the
+contract of ``conqur::int_scaled_mm`` (see ``reference.py``) but takes the weights as oneDNN handlers created by
 :class:`OneDNNIntGemm`: one handler per scale group, each holding its int8 ``[K/G, N]`` weight slice and its
 per-channel scales. The epilogue ``a_scale * b_scale * acc`` runs inside oneDNN; groups are summed in float32.
 
-Resident memory: the int8 weights held by oneDNN (1 byte per weight) plus float32 scales; the caller can free
-its own copy of the codes after construction.
+oneDNN's s8 GEMM has a fixed cost per call that dominates for a few rows (measured on AVX2: ~1.5 ms for
+1 x 576 x 1536, where the reference GEMM takes ~0.3 ms; oneDNN wins from ~32 rows on). When the int8 codes
+``b_q`` are passed as well, calls with fewer than ``small_m`` rows use the exact reference GEMM on them.
+
+Resident memory: the int8 weights held by oneDNN (1 byte per weight) plus float32 scales, and another byte per
+weight when the codes are kept for the few-rows path.
 
 Only INT4-valued weights go through oneDNN: without VNNI, oneDNN's s8 x s8 kernels may saturate int16
 intermediates for full-range 8-bit weights, while |w| <= 8 keeps every intermediate exact.
@@ -17,8 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from conqur_vllm.kernels.reference import int_scaled_mm_impl
+
 MAX_WEIGHT_CODE = 8
 """Largest |weight code| this path accepts (INT4)."""
+
+SMALL_M = 16
+"""Row count below which the reference GEMM is faster than oneDNN (when the codes are kept)."""
 
 
 def onednn_available() -> bool:
@@ -31,11 +40,13 @@ def onednn_available() -> bool:
 
 
 class OneDNNIntGemm:
-    """oneDNN handlers for int8 codes ``b_q [N, K]`` (values in [-8, 8]) with float32 scales ``b_scale [N, G]``."""
+    """oneDNN handlers for int8 codes ``b_q [N, K]`` (values in [-8, 8]) with float32 scales ``b_scale [N, G]``.
 
-    name = "onednn"
+    ``keep_codes``: also keep ``b_q`` (1 byte per weight) and send calls with fewer than ``SMALL_M`` rows to
+    the reference GEMM.
+    """
 
-    def __init__(self, b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> None:
+    def __init__(self, b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype, keep_codes: bool = False) -> None:
         from vllm import _custom_ops as ops
 
         if b_q.dtype != torch.int8 or b_q.dim() != 2 or b_q.device.type != "cpu":
@@ -65,22 +76,37 @@ class OneDNNIntGemm:
         ]
         self.handles = torch.stack([h.handler_tensor.reshape(()) for h in self._handlers])
         self.n = n
-        self.k = k
         self.out_dtype = out_dtype
+        self.b_q = b_q if keep_codes else None
+        self.b_scale = b_scale.to(torch.float32) if keep_codes else None
+        self.small_m = SMALL_M if keep_codes else 0
+        self.name = "onednn+reference" if keep_codes else "onednn"
 
     def __call__(self, a_q: Tensor, a_scale: Tensor, bias: Tensor | None) -> Tensor:
-        return torch.ops.conqur.onednn_int_scaled_mm(a_q, a_scale, self.handles, self.n, bias, self.out_dtype)
+        return torch.ops.conqur.onednn_int_scaled_mm(
+            a_q, a_scale, self.handles, self.n, bias, self.out_dtype, self.b_q, self.b_scale, self.small_m
+        )
 
 
 @torch.library.custom_op("conqur::onednn_int_scaled_mm", mutates_args=(), device_types="cpu")
 def onednn_int_scaled_mm(
-    a_q: Tensor, a_scale: Tensor, handles: Tensor, n: int, bias: Tensor | None, out_dtype: torch.dtype
+    a_q: Tensor,
+    a_scale: Tensor,
+    handles: Tensor,
+    n: int,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+    b_q: Tensor | None = None,
+    b_scale: Tensor | None = None,
+    small_m: int = 0,
 ) -> Tensor:
     """``a_scale * sum_g b_scale_g * (a_q_g @ b_q_g.T) + bias`` with the weights behind ``handles``."""
     m, k = a_q.shape
     groups = handles.numel()
     if m == 0:
         return a_q.new_empty((0, n), dtype=out_dtype)
+    if b_q is not None and b_scale is not None and m < small_m:
+        return int_scaled_mm_impl(a_q, a_scale, b_q, b_scale, bias, out_dtype)
     a_scale = a_scale.to(torch.float32).contiguous()
     if groups == 1:
         out = torch.empty((m, n), dtype=out_dtype)
@@ -99,6 +125,6 @@ def onednn_int_scaled_mm(
 
 
 @onednn_int_scaled_mm.register_fake
-def _(a_q: Tensor, a_scale: Tensor, handles: Tensor, n: int, bias: Tensor | None,
-      out_dtype: torch.dtype) -> Tensor:
+def _(a_q: Tensor, a_scale: Tensor, handles: Tensor, n: int, bias: Tensor | None, out_dtype: torch.dtype,
+      b_q: Tensor | None = None, b_scale: Tensor | None = None, small_m: int = 0) -> Tensor:
     return a_q.new_empty((a_q.shape[0], n), dtype=out_dtype)

@@ -93,8 +93,7 @@ def _check_mm_args(a_q: Tensor, a_scale: Tensor, b_q: Tensor, b_scale: Tensor) -
     return groups
 
 
-@torch.library.custom_op("conqur::int_scaled_mm", mutates_args=())
-def int_scaled_mm(
+def int_scaled_mm_impl(
     a_q: Tensor, a_scale: Tensor, b_q: Tensor, b_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
     """``a_scale * sum_g b_scale[:, g] * (a_q @ b_q.T)_g + bias`` in ``out_dtype``, accumulating each group exactly."""
@@ -114,6 +113,14 @@ def int_scaled_mm(
     if bias is not None:
         out += bias.to(torch.float32)
     return out.to(out_dtype)
+
+
+@torch.library.custom_op("conqur::int_scaled_mm", mutates_args=())
+def int_scaled_mm(
+    a_q: Tensor, a_scale: Tensor, b_q: Tensor, b_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """The registered op over :func:`int_scaled_mm_impl` (the reference for every device)."""
+    return int_scaled_mm_impl(a_q, a_scale, b_q, b_scale, bias, out_dtype)
 
 
 @int_scaled_mm.register_fake

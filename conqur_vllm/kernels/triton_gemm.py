@@ -77,10 +77,10 @@ def _load_b(b_ptr, offs_n, k0, N, stride_bn, stride_bk, BLOCK_N: tl.constexpr, B
 @triton.jit
 def _int_gemm_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
-    M, N, n_groups, group_size,
+    M, N, K, group_size,
     stride_am, stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsg, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_ACC: tl.constexpr,
+    B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_ACC: tl.constexpr, GROUPED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -100,18 +100,21 @@ def _int_gemm_kernel(
 
     out = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)
-    for g in range(n_groups):
-        acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)
-        for kk in range(0, group_size, BLOCK_K):
-            k0 = g * group_size + kk
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                        mask=m_mask[:, None], other=0)
-            b = _load_b(b_ptr, offs_n64, k0, N, stride_bn, stride_bk, BLOCK_N, BLOCK_K, B_PACKED)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        if not RAW_ACC:
-            ws = tl.load(b_scale_ptr + offs_n64 * stride_bsn + g * stride_bsg, mask=n_mask, other=0.0)
-            out += acc.to(tl.float32) * ws[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=m_mask[:, None], other=0)
+        b = _load_b(b_ptr, offs_n64, k0, N, stride_bn, stride_bk, BLOCK_N, BLOCK_K, B_PACKED)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        if GROUPED:
+            if (k0 + BLOCK_K) % group_size == 0:  # last tile of a group: scale it into the float sum
+                ws = tl.load(b_scale_ptr + offs_n64 * stride_bsn + (k0 // group_size) * stride_bsg,
+                             mask=n_mask, other=0.0)
+                out += acc.to(tl.float32) * ws[None, :]
+                acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)
+    if not GROUPED and not RAW_ACC:
+        ws = tl.load(b_scale_ptr + offs_n64 * stride_bsn, mask=n_mask, other=0.0)
+        out += acc.to(tl.float32) * ws[None, :]
 
     c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
@@ -155,11 +158,11 @@ def _run(
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _int_gemm_kernel[grid](
         a_q, b, a_s, b_s, bias if bias is not None else out, out,
-        m, n, groups, gs,
+        m, n, k, gs,
         a_q.stride(0), a_q.stride(1), b.stride(0), b.stride(1),
         b_s.stride(0) if not raw else 0, b_s.stride(1) if not raw else 0, out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        B_PACKED=packed, HAS_BIAS=bias is not None, RAW_ACC=raw,
+        B_PACKED=packed, HAS_BIAS=bias is not None, RAW_ACC=raw, GROUPED=groups > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 
-def normalize_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """u = x / |x| over the last dim, in float64, flattened to [n, d]."""
-    x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+def normalize_rows(x: Tensor, eps: float = 1e-12, dtype: torch.dtype = torch.float64) -> Tensor:
+    """u = x / |x| over the last dim, flattened to [n, d] (float64 by default; float32 halves the cost of the
+    big products, whose d x d results are still accumulated in float64)."""
+    x = x.detach().reshape(-1, x.shape[-1]).to(dtype)
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
@@ -28,7 +29,7 @@ def corners(z: Tensor) -> Tensor:
 
 def corner_objective(u: Tensor, r: Tensor, weights: Tensor | None = None) -> float:
     """Mean ``|u R - c|^2`` with c the nearest corners (= 2 - 2/sqrt(d) * mean |u R|_1 for unit u)."""
-    z = u @ r
+    z = u @ r.to(u.dtype)
     err = (z - corners(z)).pow(2).sum(-1)
     if weights is None:
         return float(err.mean())
@@ -43,10 +44,10 @@ def procrustes(m: Tensor) -> Tensor:
 
 def corner_moment(u: Tensor, r: Tensor, weights: Tensor | None = None) -> Tensor:
     """``sum_i w_i u_i^T c_i`` for corners of ``u R`` (d x d, float64)."""
-    c = corners(u @ r)
+    c = corners(u @ r.to(u.dtype))
     if weights is not None:
-        c = c * weights[:, None]
-    return u.T @ c
+        c = c * weights[:, None].to(c.dtype)
+    return (u.T @ c).to(torch.float64)
 
 
 @dataclass

@@ -23,11 +23,13 @@ def register() -> None:
     _registered = True
 
 
-def default_kv_cache_dtype(quant_config: Any, platform: Any = None, requested: str | None = None) -> str:
+def default_kv_cache_dtype(
+    quant_config: Any, platform: Any = None, requested: str | None = None, model_dtype: str | None = None
+) -> str:
     """See :func:`conqur_vllm.vllm_plugin.kv_dtype.default_kv_cache_dtype`."""
     from conqur_vllm.vllm_plugin.kv_dtype import default_kv_cache_dtype as choose
 
-    return choose(quant_config, platform, requested)
+    return choose(quant_config, platform, requested, model_dtype)
 
 
 __all__ = ["default_kv_cache_dtype", "register"]

@@ -27,9 +27,3 @@ def register_weight_loader_v2(cls: type[T]) -> type[T]:
             WEIGHT_LOADER_V2_SUPPORTED.append(cls.__name__)
         return cls
     return register_weight_loader_v2_supported_method(cls)
-
-
-def current_platform():  # noqa: ANN201 - vLLM's Platform type differs between releases
-    from vllm.platforms import current_platform as platform
-
-    return platform

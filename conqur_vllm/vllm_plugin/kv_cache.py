@@ -23,6 +23,7 @@ from conqur_vllm.vllm_plugin.kv_dtype import KVPlatform, check_kv_cache_dtype, d
 logger = init_logger(__name__)
 
 HOOK_ATTR = "_conqur_r3_hook"
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 __all__ = ["ConqurKVCacheMethod", "default_kv_cache_dtype", "install_r3_hook", "rotate_heads"]
 
@@ -71,7 +72,7 @@ class ConqurKVCacheMethod(BaseKVCacheMethod):
     def create_weights(self, layer: nn.Module) -> None:
         dtype = getattr(layer, "kv_cache_dtype", "auto")
         if dtype != "auto":
-            check_kv_cache_dtype(dtype, KVPlatform.detect())
+            check_kv_cache_dtype(dtype, KVPlatform.detect(), DTYPE_NAMES.get(getattr(layer, "dtype", None)))
         super().create_weights(layer)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:

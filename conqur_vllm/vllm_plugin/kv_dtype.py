@@ -5,7 +5,8 @@
   elsewhere the cache stays ``auto``.
 - GPU: ``int4_per_token_head`` / ``int8_per_token_head`` when this vLLM knows them, else ``fp8``.
 
-An explicit choice is validated against what the platform offers; a bad one is a one-line ValueError.
+An explicit choice is validated against what the platform offers (the model dtype, e.g. ``bfloat16``, is always
+allowed: an unquantized cache); a bad one is a one-line ValueError.
 The plugin applies an fp8 default by itself (see ``ConqurConfig.kv_cache_scheme``); a per-token-head default
 must be passed to vLLM as ``--kv-cache-dtype``, which ``conqur serve`` does with :func:`default_kv_cache_dtype`.
 """
@@ -20,6 +21,7 @@ import torch
 from conqur_vllm.config import ConqurQuantConfig
 
 CPU_FP8_DTYPES: tuple[str, ...] = ("fp8", "fp8_e4m3")
+MODEL_DTYPES: tuple[str, ...] = ("bfloat16", "float16")
 FALLBACK_GPU_DTYPES: tuple[str, ...] = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 REFUSED = {
     "fp8_e5m2": "vLLM refuses fp8_e5m2 for checkpoints that bring their own KV-cache method; use 'fp8' (e4m3)",
@@ -70,10 +72,16 @@ def _checkpoint(quant_config: object) -> ConqurQuantConfig:
     return ckpt
 
 
-def check_kv_cache_dtype(requested: str, platform: KVPlatform) -> str:
-    """``requested`` if this platform can store it; otherwise a ValueError naming what it supports."""
+def check_kv_cache_dtype(requested: str, platform: KVPlatform, model_dtype: str | None = None) -> str:
+    """``requested`` if this platform can store it; otherwise a ValueError naming what it supports.
+
+    The model dtype itself (``model_dtype``, e.g. ``bfloat16``) is always accepted: an unquantized cache, the way
+    to opt out of the fp8 default.
+    """
     if requested in REFUSED:
         raise ValueError(f"kv_cache_dtype {requested!r}: {REFUSED[requested]}")
+    if requested == model_dtype and requested in MODEL_DTYPES:
+        return requested
     if requested not in platform.dtypes:
         hint = " (fp8 on CPU needs AVX-512 or AMX)" if platform.device == "cpu" and not platform.fp8 else ""
         raise ValueError(
@@ -84,17 +92,21 @@ def check_kv_cache_dtype(requested: str, platform: KVPlatform) -> str:
 
 
 def default_kv_cache_dtype(
-    quant_config: object, platform: KVPlatform | object | None = None, requested: str | None = None
+    quant_config: object,
+    platform: KVPlatform | object | None = None,
+    requested: str | None = None,
+    model_dtype: str | None = None,
 ) -> str:
     """The ``kv_cache_dtype`` to serve a checkpoint with (``requested`` wins if the platform supports it).
 
     ``quant_config`` is a :class:`ConqurQuantConfig` or the plugin's ``ConqurConfig``; ``platform`` a
-    :class:`KVPlatform`, a vLLM ``Platform``, or None for the current one.
+    :class:`KVPlatform`, a vLLM ``Platform``, or None for the current one; ``model_dtype`` the serving dtype
+    (``bfloat16``/``float16``), which is accepted as an explicit unquantized cache.
     """
     ckpt = _checkpoint(quant_config)
     plat = platform if isinstance(platform, KVPlatform) else KVPlatform.detect(platform)
     if requested is not None and requested != "auto":
-        return check_kv_cache_dtype(requested, plat)
+        return check_kv_cache_dtype(requested, plat, model_dtype)
     bits = ckpt.kv_cache.num_bits
     if bits >= 16:
         return "auto"

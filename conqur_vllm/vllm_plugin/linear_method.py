@@ -6,8 +6,10 @@ Checkpoint layout (compressed-tensors ``pack-quantized``, symmetric): ``weight_p
 tensor-parallel slices load through vLLM's own ``weight_loader_v2``.
 
 After loading, the codes are unpacked once to int8 and handed to the integer GEMM (see
-``conqur_vllm.kernels.make_int_gemm``); the packed int32 tensors are freed. Resident per layer: the int8 codes
-(1 byte per weight: held by oneDNN on CPU, a parameter ``weight_int`` otherwise) and float32 scales.
+``conqur_vllm.kernels.make_int_gemm``; ``CONQUR_INT_GEMM`` picks the backend); the packed int32 tensors are
+freed. Resident per layer: float32 scales plus the int8 codes, 1 byte per weight, as oneDNN's copy
+(``onednn``) or the parameter ``weight_int`` (``reference``), or both (``hybrid``, the CPU default: oneDNN for
+prefill, the reference GEMM for fewer than 16 tokens).
 
 Forward: [R4 Hadamard on down_proj's input] -> per-token quantization (``conqur::quantize_per_token``; for a
 row-parallel shard the row maxima are all-reduced over the tensor-parallel ranks first, so every rank uses the
@@ -35,7 +37,7 @@ from vllm.model_executor.parameter import (
 
 from conqur_vllm.config import CheckpointConfigError
 from conqur_vllm.formats import unpack_int32
-from conqur_vllm.kernels import Backend, make_int_gemm, transforms  # noqa: F401  (registers the ops)
+from conqur_vllm.kernels import Backend, backend_from_env, make_int_gemm, transforms  # noqa: F401
 from conqur_vllm.vllm_plugin._compat import register_weight_loader_v2
 from conqur_vllm.vllm_plugin.tp import row_absmax
 
@@ -59,10 +61,10 @@ def _scale_parameter(n_out: int, n_groups: int, grouped: bool, weight_loader: An
 class ConqurLinearMethod(LinearMethodBase):
     """One instance per linear layer; ``prefix`` decides whether the R4 online Hadamard runs before it."""
 
-    def __init__(self, quant_config: ConqurConfig, prefix: str = "", backend: Backend = "auto") -> None:
+    def __init__(self, quant_config: ConqurConfig, prefix: str = "", backend: Backend | None = None) -> None:
         self.quant_config = quant_config
         self.prefix = prefix
-        self.backend = backend
+        self.backend = backend_from_env() if backend is None else backend
         ckpt = quant_config.checkpoint
         self.weight_bits = ckpt.weights.num_bits
         self.group_size = ckpt.weights.group_size
@@ -152,9 +154,8 @@ class ConqurLinearMethod(LinearMethodBase):
             logger.info_once("conqur: activations.num_bits=16, weights dequantized to %s at load", layer.params_dtype)
             return
         gemm = make_int_gemm(codes, scale, layer.params_dtype, self.backend)
-        if gemm.name == "reference":
-            layer.weight_int = nn.Parameter(codes, requires_grad=False)
-            gemm.b_q = layer.weight_int
+        if gemm.b_q is not None:  # the codes stay resident: show them as a parameter of the layer
+            layer.weight_int = nn.Parameter(gemm.b_q, requires_grad=False)
         setattr(layer, GEMM_ATTR, gemm)
         logger.info_once("conqur: W%dA%d integer GEMM backend: %s", self.weight_bits, self.act_bits, gemm.name)
 

@@ -30,7 +30,8 @@ from conqur_vllm.vllm_plugin.linear_method import ConqurLinearMethod
 FP8_KV_SCHEME: dict[str, Any] = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
                                  "symmetric": True}
 """What ``kv_cache_scheme`` reports when the checkpoint's KV bits map to fp8: vLLM's ``Attention`` then stores
-an fp8 cache whenever the user left ``kv_cache_dtype`` at ``auto``."""
+an fp8 cache whenever the user left ``kv_cache_dtype`` at ``auto`` (passing the model dtype, e.g. ``bfloat16``,
+keeps an unquantized cache)."""
 
 
 def _check_servable(ckpt: ConqurQuantConfig) -> None:
