@@ -27,14 +27,16 @@ def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def server_command(checkpoint: str | Path, host: str, port: int, vllm_args: list[str]) -> list[str]:
-    """The vLLM API-server command line for ``checkpoint``."""
+def server_command(checkpoint: str | Path, host: str, port: int, vllm_args: list[str],
+                   plain_model: bool = False) -> list[str]:
+    """The vLLM API-server command line for ``checkpoint`` (``plain_model``: an unquantized HF folder)."""
     ckpt = Path(checkpoint)
-    qcfg = ConqurQuantConfig.from_model_dir(ckpt)  # one-line error if this is not a conqur checkpoint
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
            "--host", host, "--port", str(port)]
-    if not _has_flag(vllm_args, "--kv-cache-dtype"):
-        from conqur_vllm.vllm_plugin.kv_cache import default_kv_cache_dtype  # noqa: PLC0415
+    if not plain_model:
+        qcfg = ConqurQuantConfig.from_model_dir(ckpt)  # one-line error if this is not a conqur checkpoint
+    if not plain_model and not _has_flag(vllm_args, "--kv-cache-dtype"):
+        from conqur_vllm.vllm_plugin.kv_dtype import default_kv_cache_dtype  # noqa: PLC0415
 
         cmd += ["--kv-cache-dtype", default_kv_cache_dtype(qcfg)]
     return cmd + list(vllm_args)
@@ -67,12 +69,12 @@ class RunningServer:
     """A vLLM server subprocess on loopback (context manager), for the demo, tests and benchmarks."""
 
     def __init__(self, checkpoint: str | Path, vllm_args: list[str] | None = None, timeout: float = 600,
-                 log_path: str | Path | None = None) -> None:
+                 log_path: str | Path | None = None, plain_model: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         ensure_vllm_distribution()
         args = list(vllm_args or ["--enforce-eager", "--max-model-len", "2048"])
-        self.cmd = server_command(checkpoint, "127.0.0.1", self.port, args)
+        self.cmd = server_command(checkpoint, "127.0.0.1", self.port, args, plain_model=plain_model)
         self.timeout = timeout
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None

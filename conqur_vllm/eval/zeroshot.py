@@ -156,3 +156,12 @@ def run_zeroshot(lm, tasks: tuple[str, ...] | list[str] = QUAROT_TASKS, limit: f
                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
                         "n": int(result["n-samples"][PREFIX + name]["effective"])}
     return scores
+
+
+def evaluate_model(model, tokenizer, tasks: tuple[str, ...] | list[str] = QUAROT_TASKS,
+                   limit: float | None = None) -> dict[str, dict[str, Any]]:
+    """Zero-shot scores of an in-memory HF model (e.g. a fake-quantized one) plus their plain average."""
+    scores = run_zeroshot(hf_lm(model, tokenizer), tasks, limit)
+    scores["average"] = {"metric": "mean", "value": sum(s["value"] for s in scores.values()) / len(scores),
+                         "stderr": None, "n": None}
+    return scores

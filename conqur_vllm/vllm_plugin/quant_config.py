@@ -26,6 +26,7 @@ from conqur_vllm.vllm_plugin._compat import attention_layer_type
 from conqur_vllm.vllm_plugin.kv_cache import ConqurKVCacheMethod
 from conqur_vllm.vllm_plugin.kv_dtype import default_kv_cache_dtype
 from conqur_vllm.vllm_plugin.linear_method import ConqurLinearMethod
+from conqur_vllm.vllm_plugin.metrics import publish_checkpoint_info
 
 FP8_KV_SCHEME: dict[str, Any] = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
                                  "symmetric": True}
@@ -75,7 +76,9 @@ class ConqurConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ConqurConfig:
-        return cls(ConqurQuantConfig.from_dict(config))
+        ckpt = ConqurQuantConfig.from_dict(config)
+        publish_checkpoint_info(ckpt, default_kv_cache_dtype(ckpt))
+        return cls(ckpt)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         plain = [n for n in self.ignore if not n.startswith("re:")]
