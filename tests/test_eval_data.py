@@ -129,6 +129,8 @@ def test_run_zeroshot_reports_the_quarot_metrics(smollm2) -> None:
     tiny = _tiny_llama(vocab=len(tok))
     scores = zeroshot.run_zeroshot(zeroshot.hf_lm(tiny, tok, batch_size=8), limit=2)
     assert set(scores) == set(zeroshot.QUAROT_TASKS)
+    single = zeroshot.evaluate_model(tiny, tok, ["piqa"], limit=2)
+    assert single["piqa"] == scores["piqa"] and single["average"]["value"] == scores["piqa"]["value"]
     for task, row in scores.items():
         assert row["metric"] == ("acc_norm" if task in ("arc_easy", "arc_challenge", "hellaswag") else "acc")
         assert row["n"] == 2 and 0.0 <= row["value"] <= 1.0
