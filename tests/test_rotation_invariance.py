@@ -67,3 +67,21 @@ def test_no_rotation_is_identity_after_folding():
     assert all(float((layer.input_layernorm.weight - 1).abs().max()) == 0 for layer in model.model.layers)
     with torch.no_grad():
         assert _rel(model(ids).logits, ref) < 2e-6
+
+
+@pytest.mark.slow
+def test_real_smollm2_rotation_invariance():
+    """QuaRot rotations (R1-R4, fused in float64) on the real SmolLM2 keep float32 logits to < 1e-5."""
+    from conqur_vllm import assets
+    from conqur_vllm.calibration.pipeline import load_model
+
+    model, tok = load_model(assets.smollm2_dir())
+    ids = tok(assets.evaluation_text()[:2000], return_tensors="pt", add_special_tokens=False).input_ids[:, :96]
+    with torch.no_grad():
+        ref = model(ids).logits
+    model64 = model.double()
+    apply_rotations(model64, get_adapter(model64.config), quarot_rotations(model64.config, seed=0))
+    model64.float()
+    with torch.no_grad():
+        out = model64(ids).logits
+    assert _rel(out, ref) < 1e-5
