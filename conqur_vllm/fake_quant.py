@@ -122,9 +122,9 @@ def install(model: nn.Module, adapter: ModelAdapter, *, act: ActQuant = ActQuant
                                               online=r4 and is_down))
         layer.get_submodule(adapter.attention).conqur_attention = attention
     model.config._attn_implementation = ATTN_IMPL
-    for cfg in (getattr(model.config, "text_config", None),):
-        if cfg is not None:
-            cfg._attn_implementation = ATTN_IMPL
+    text_config = getattr(model.config, "text_config", None)
+    if text_config is not None:
+        text_config._attn_implementation = ATTN_IMPL
 
 
 def set_activation_quant(model: nn.Module, act: ActQuant) -> None:

@@ -24,7 +24,7 @@ from conqur_vllm import fake_quant
 from conqur_vllm.calibration.options import ConqurOptions
 from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import QuantSpec
-from conqur_vllm.rotation.conqur import CornerSite, corner_objective, normalize_rows
+from conqur_vllm.rotation.conqur import CornerSite, normalize_rows
 from conqur_vllm.rotation.fuse import rotate_residual, rotate_values
 from conqur_vllm.rotation.rotations import Rotations, head_dim_of
 
@@ -188,7 +188,3 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
     r2 = torch.stack([torch.stack([s.rotation for s in row]) for row in sites2]) if sites2 else rot.r2
     return Rotations(r1=site1.rotation, r2=r2, r3=rot.r3, r4=rot.r4, r4_block=rot.r4_block), report
 
-
-def objective_of(model_inputs: torch.Tensor, rotation: torch.Tensor) -> float:
-    """Mean corner objective of raw vectors under ``rotation`` (for reports)."""
-    return corner_objective(normalize_rows(model_inputs), rotation)

@@ -36,9 +36,9 @@ def untie_embeddings(model: nn.Module, adapter: ModelAdapter) -> None:
     model.config.tie_word_embeddings = False
     if hasattr(model, "_tied_weights_keys"):
         model._tied_weights_keys = []
-    for cfg in (getattr(model.config, "text_config", None),):
-        if cfg is not None:
-            cfg.tie_word_embeddings = False
+    text_config = getattr(model.config, "text_config", None)
+    if text_config is not None:
+        text_config.tie_word_embeddings = False
 
 
 def _fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
