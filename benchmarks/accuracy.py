@@ -35,6 +35,8 @@ ROWS: dict[str, dict | None] = {
     "quarot-w16a4": dict(method="quarot", w_bits=16),
     "conqur-rtn": dict(method="conqur", weight_quantizer="rtn"),
     "conqur-gptq": dict(method="conqur", weight_quantizer="gptq"),
+    "quarot-w4a8-rtn": dict(method="quarot", weight_quantizer="rtn", a_bits=8),
+    "conqur-w4a8-rtn": dict(method="conqur", weight_quantizer="rtn", a_bits=8),
     "quarot-w4a8-gptq": dict(method="quarot", weight_quantizer="gptq", a_bits=8),
     "conqur-w4a8-gptq": dict(method="conqur", weight_quantizer="gptq", a_bits=8),
 }
@@ -114,6 +116,9 @@ def print_table(results: list[dict], seq_lens: list[int]) -> None:
         by_row.setdefault(r["row"], []).append(r)
     fp = {L: by_row["fp"][0][f"ppl@{L}"] for L in seq_lens} if "fp" in by_row else {}
     head = "".join(f" {'ppl@' + str(L):>22} {'gap/FP':>8}" for L in seq_lens)
+    zeroshot = any("zeroshot" in r for r in results)
+    if zeroshot:
+        head += f" {'zero-shot avg':>16}"
     print(f"\n{'row':<20} {'seeds':>5}{head}")
     for row, entries in by_row.items():
         cells = ""
@@ -123,6 +128,9 @@ def print_table(results: list[dict], seq_lens: list[int]) -> None:
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             gap = f"{mean - fp[L]:8.2f}" if L in fp else f"{'':>8}"
             cells += f" {mean:13.2f} ± {sd:6.2f} {gap}"
+        if zeroshot:
+            avgs = [e["zeroshot"]["average"]["value"] for e in entries if "zeroshot" in e]
+            cells += f" {statistics.mean(avgs):9.4f} ± {statistics.stdev(avgs) if len(avgs) > 1 else 0.0:.3f}"
         print(f"{row:<20} {len(entries):>5}{cells}")
     print("SmolLM2 caveat: its weights come from a Q4_1 GGUF (already on a 4-bit grid, blocks of 32).")
 

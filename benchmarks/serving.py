@@ -38,8 +38,9 @@ def weight_bytes(model_dir: Path) -> dict[str, int]:
     return {"total": total, "decoder_linears": linear}
 
 
-def bench(model_dir: Path, plain: bool, prompts: list[str], max_tokens: int, concurrency: int, log: Path) -> dict:
-    args = ["--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", str(max(concurrency, 8))]
+def bench(model_dir: Path, plain: bool, prompts: list[str], max_tokens: int, concurrency: int, log: Path,
+          dtype: str = "bfloat16") -> dict:
+    args = ["--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", str(max(concurrency, 8)), "--dtype", dtype]
     with RunningServer(model_dir, args, log_path=log, plain_model=plain) as server:
         asyncio.run(run_load(server.url, str(model_dir), prompts[:4], 8, 4))  # warm-up
         return asyncio.run(run_load(server.url, str(model_dir), prompts, max_tokens, concurrency))
@@ -52,15 +53,22 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--fp32-baseline", action="store_true",
+                    help="also serve the plain model in float32 (CPUs without bf16 units run bf16 slowly)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = assets.evaluation_text().split("\n\n")
     prompts = [p[:400] for p in text if len(p) > 200][: args.prompts]
     rows = {}
-    for name, path, plain in (("bf16", assets.smollm2_dir(), True), ("conqur-w4a4", Path(args.checkpoint), False)):
-        rows[name] = {**bench(path, plain, prompts, args.max_tokens, args.concurrency, out / f"server-{name}.log"),
-                      "weight_bytes": weight_bytes(path)}
+    runs = [("bf16", assets.smollm2_dir(), True, "bfloat16"), ("conqur-w4a4", Path(args.checkpoint), False, "bfloat16")]
+    if args.fp32_baseline:
+        runs.insert(1, ("fp32", assets.smollm2_dir(), True, "float32"))
+    for name, path, plain, dtype in runs:
+        rows[name] = {**bench(path, plain, prompts, args.max_tokens, args.concurrency, out / f"server-{name}.log",
+                              dtype),
+                      "weight_bytes": {k: v * (2 if dtype == "float32" else 1)  # bf16 files held as float32
+                                       for k, v in weight_bytes(path).items()}}
         print(json.dumps({name: rows[name]}), file=sys.stderr, flush=True)
     base, q = rows["bf16"], rows["conqur-w4a4"]
     print(f"\n{'':<14} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'weights MB':>11}")
@@ -83,7 +91,7 @@ def main() -> None:
         names = list(rows)
         for ax, key, label in zip(axes, ("output_tok_per_s", "ttft_p50_ms", "tpot_p50_ms"),
                                   ("output tok/s", "TTFT p50 (ms)", "TPOT p50 (ms)")):
-            ax.bar(names, [rows[n][key] for n in names], color=["#888", "#2a7"])
+            ax.bar(names, [rows[n][key] for n in names], color=["#888", "#bbb", "#2a7"][-len(names):])
             ax.set_title(label)
         fig.tight_layout()
         fig.savefig(out / "serving.png", dpi=110)

@@ -65,6 +65,7 @@ class QuantLinear(nn.Module):
         self.online = online
         self.online_block = online_block
         self.weight_override: torch.Tensor | None = None  # e.g. fake-quantized weights during calibration
+        self.weight_quant: QuantSpec | None = None  # RTN (absmax) fake-quant of the weight at every forward
 
     @property
     def weight(self) -> nn.Parameter:
@@ -82,6 +83,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.linear.weight if self.weight_override is None else self.weight_override
+        if self.weight_quant is not None:
+            qt = quantize_weight_rtn(weight.detach().float(), self.weight_quant, clip_search=False)
+            weight = dequantize(qt, torch.float32).to(weight.dtype)
         return F.linear(self.transform_input(x), weight, self.linear.bias)
 
 
@@ -144,12 +148,20 @@ def quant_linears(layer: nn.Module, adapter: ModelAdapter) -> dict[str, QuantLin
 
 
 def set_weight_fake_quant(model: nn.Module, spec: QuantSpec | None, clip_search: bool = True) -> None:
-    """Run every QuantLinear with RTN fake-quantized weights (``spec`` None: back to the real weights)."""
+    """Run every QuantLinear with RTN fake-quantized weights (``spec`` None: back to the real weights).
+
+    With ``clip_search`` the quantized copies are computed once and stored; without it each forward quantizes
+    its weight on the fly (absmax RTN is cheap), so no second copy of the model's weights is held.
+    """
     for module in model.modules():
         if isinstance(module, QuantLinear):
+            module.weight_override = None
+            module.weight_quant = None
             if spec is None:
-                module.weight_override = None
-            else:
-                w = module.linear.weight.detach()
-                qt = quantize_weight_rtn(w.float(), spec, clip_search=clip_search)
-                module.weight_override = dequantize(qt, torch.float32).to(w.dtype)
+                continue
+            if not clip_search:
+                module.weight_quant = spec
+                continue
+            w = module.linear.weight.detach()
+            qt = quantize_weight_rtn(w.float(), spec, clip_search=True)
+            module.weight_override = dequantize(qt, torch.float32).to(w.dtype)

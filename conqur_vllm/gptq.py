@@ -21,12 +21,15 @@ class HessianAccumulator:
         self.count = 0
 
     def add(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        """Fold one batch in: the batch's ``x^T x`` is computed in the input's precision (float32 GEMMs are
+        2-3x faster than float64 on CPU and GPTQ's damping dwarfs their rounding), the running sum in float64."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.dtype != torch.float64:
+            x = x.float()
         n = x.shape[0]
         self.hessian *= self.count / (self.count + n)
         self.count += n
-        x = x * (2.0 / self.count) ** 0.5
-        self.hessian += x.T @ x
+        self.hessian += (x.T @ x).to(torch.float64) * (2.0 / self.count)
 
 
 def gptq_quantize(w: Tensor, hessian: Tensor, spec: QuantSpec, *, block_size: int = 128,

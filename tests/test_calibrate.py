@@ -173,3 +173,40 @@ def test_rotation_learning_memory_does_not_grow_with_samples(tiny_llama_dir):
         rss[steps] = int(out.stdout.strip().splitlines()[-1]) / 1024  # MiB
     # storing the vectors would add ~8 MiB per extra batch here (8 x 256 tokens x 5 sites x 128 x 8 bytes)
     assert rss[8] - rss[2] < 16, rss
+
+
+def _scrape(port: int) -> dict[str, str]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.split(" ")[0]: line.split(" ")[-1] for line in text.splitlines() if line.startswith("conqur_")}
+
+
+def test_metrics_port_serves_live_progress(tiny_llama_dir, text_file, tmp_path, monkeypatch):
+    """During a real calibration the --metrics-port endpoint reports the stage, the objective after each
+    ConQuR update, the finished layer and an ETA; the server is gone once the run ends."""
+    from conqur_vllm.calibration.progress import ProgressMetrics
+    from conqur_vllm.serving import free_port
+
+    port = free_port()
+    seen: list[dict[str, str]] = []
+    original = ProgressMetrics.on_layer
+
+    def on_layer_and_scrape(self, index, *args):
+        original(self, index, *args)
+        seen.append(_scrape(port))
+
+    monkeypatch.setattr(ProgressMetrics, "on_layer", on_layer_and_scrape)
+    out = calibrate(tiny_llama_dir, tmp_path / "ckpt", _opts(text_file), progress=False, metrics_port=port)
+    report = json.loads((out / "calibration_report.json").read_text())
+    n_layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert len(seen) == n_layers
+    first, last = seen[0], seen[-1]
+    assert first['conqur_calibration_stage_info{stage="quantize_weights"}'] == "1.0"
+    assert float(first["conqur_calibration_layer"]) == 0 and float(last["conqur_calibration_layer"]) == n_layers - 1
+    assert float(first["conqur_calibration_eta_seconds"]) > 0 and float(last["conqur_calibration_eta_seconds"]) == 0
+    final_objective = report["rotation_objective"]["steps"][-1]["r1_after"]
+    assert abs(float(last["conqur_calibration_objective"]) - final_objective) < 1e-9
+    assert float(last["conqur_calibration_elapsed_seconds"]) > 0
+    with pytest.raises(OSError):
+        _scrape(port)

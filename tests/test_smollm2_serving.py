@@ -1,7 +1,13 @@
 """Real SmolLM2, calibrated with ConQuR, served by real vLLM over real HTTP on loopback.
 
-Parity: the server's prompt-logprob perplexity is close to the project's reference forward of the same
-checkpoint (both with an unquantized KV cache, so the setting is the same).
+Parity: the server's prompt-logprob perplexity is compared with the project's reference forward of the same
+checkpoint (both with an unquantized KV cache, so the setting is the same), and its greedy tokens with the
+reference's argmax. With INT4 activations the model is chaotic at the rounding level: a code flipped by the last
+bit of a float changes downstream codes, so even the reference run in float64 instead of float32 moves the
+perplexity by 3-4.5% on these few thousand tokens and picks a different argmax at a quarter of the positions
+(benchmarks/RESULTS.md). The tight checks (1% perplexity, >= 90% greedy agreement) therefore run on a W4A8
+checkpoint, whose reference is reproducible to 0.1%; the W4A4 product default gets a bound that still catches
+any missing transform or wrong scale (those move perplexity by 10x or more).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from conqur_vllm.serving import RunningServer
 
 pytestmark = pytest.mark.slow
 
-PARITY_WINDOWS, PARITY_LEN = 4, 256
+PARITY_WINDOWS, PARITY_LEN = 8, 256
+GREEDY_PROMPTS, GREEDY_TOKENS = 32, 16
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +38,13 @@ def smollm2_checkpoint(tmp_path_factory):
     opts = CalibrationOptions(method="conqur", weight_quantizer="gptq", samples=8, seq_len=256,
                               conqur=ConqurOptions(steps=2, batch_size=4))
     return calibrate(None, tmp_path_factory.mktemp("ckpt") / "smollm2-conqur", opts, progress=False)
+
+
+@pytest.fixture(scope="module")
+def smollm2_w4a8_checkpoint(tmp_path_factory):
+    opts = CalibrationOptions(method="conqur", weight_quantizer="rtn", a_bits=8, samples=8, seq_len=256,
+                              conqur=ConqurOptions(steps=2, batch_size=4))
+    return calibrate(None, tmp_path_factory.mktemp("ckpt") / "smollm2-conqur-w4a8", opts, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +93,7 @@ def test_metrics_expose_conqur_info(server):
     assert "vllm:" in text  # vLLM's own metrics are still there
 
 
-def test_prompt_logprob_perplexity_matches_reference(server, smollm2_checkpoint):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_checkpoint)
-    windows = tokenize_windows(tok, assets.evaluation_text(), PARITY_LEN, max_windows=PARITY_WINDOWS)
+def _served_perplexity(server, windows: torch.Tensor) -> float:
     model = _model(server)
     nll, count = 0.0, 0
     for ids in windows.tolist():
@@ -91,14 +101,71 @@ def test_prompt_logprob_perplexity_matches_reference(server, smollm2_checkpoint)
                                                "temperature": 0, "prompt_logprobs": 0})
         plps = out["choices"][0]["prompt_logprobs"]
         for pos in range(1, len(ids)):
-            entry = plps[pos][str(ids[pos])]
-            nll -= entry["logprob"]
+            nll -= plps[pos][str(ids[pos])]["logprob"]
             count += 1
-    served = math.exp(nll / count)
-    ref_model, _ = load_reference_model(smollm2_checkpoint, kv_override=KVQuant(bits=None))
+    return math.exp(nll / count)
+
+
+def _reference_perplexity(checkpoint, windows: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    ref_model, _ = load_reference_model(checkpoint, dtype=dtype, kv_override=KVQuant(bits=None))
     with torch.no_grad():
-        reference = perplexity(lambda x: ref_model(x, use_cache=False).logits, windows, progress=False)
-    # The server computes in bf16 with exact integer GEMMs, the reference in float32 fake-quant: rare INT4
-    # rounding flips of the per-token activation codes compound over 30 layers (measured: 1.04% on these 1k
-    # tokens). The test bounds that at 3%; a missing transform or a wrong scale moves it by far more.
-    assert abs(served / reference - 1) < 0.03, (served, reference)
+        return perplexity(lambda x: ref_model(x, use_cache=False).logits.float(), windows, progress=False)
+
+
+def _windows(checkpoint) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    return tokenize_windows(tok, assets.evaluation_text(), PARITY_LEN, max_windows=PARITY_WINDOWS)
+
+
+def test_w4a4_prompt_logprob_perplexity_near_reference(server, smollm2_checkpoint):
+    """bf16 server vs float32 reference: measured +1.0% on 4 x 256 tokens, while float32 vs float64 reference
+    alone differ by 3-4.5% there (rounding chaos, see the module docstring). 6% bounds that noise."""
+    windows = _windows(smollm2_checkpoint)
+    served, reference = _served_perplexity(server, windows), _reference_perplexity(smollm2_checkpoint, windows)
+    assert abs(served / reference - 1) < 0.06, (served, reference)
+
+
+@pytest.fixture(scope="module")
+def w4a8_server(smollm2_w4a8_checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "vllm-w4a8.log"
+    args = ["--enforce-eager", "--max-model-len", "1024", "--kv-cache-dtype", "auto", "--dtype", "float32"]
+    with RunningServer(smollm2_w4a8_checkpoint, args, log_path=log) as srv:
+        yield srv
+
+
+def test_w4a8_prompt_logprob_perplexity_within_1_percent(w4a8_server, smollm2_w4a8_checkpoint):
+    """float32 server (exact integer GEMMs) vs float32 reference (fake quant): measured 0.01% apart."""
+    windows = _windows(smollm2_w4a8_checkpoint)
+    served = _served_perplexity(w4a8_server, windows)
+    reference = _reference_perplexity(smollm2_w4a8_checkpoint, windows)
+    assert abs(served / reference - 1) < 0.01, (served, reference)
+
+
+def test_w4a8_greedy_tokens_are_the_reference_argmax(w4a8_server, smollm2_w4a8_checkpoint):
+    """32 prompts x 16 greedy tokens from the server; each token must be the reference's argmax given the same
+    prefix for >= 90% of the tokens (teacher forcing on the served text: once a near-tie is broken the other way
+    the two texts differ, so position-by-position identity would measure the first flip, not parity)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_w4a8_checkpoint)
+    model = _model(w4a8_server)
+    ref_model, _ = load_reference_model(smollm2_w4a8_checkpoint, kv_override=KVQuant(bits=None))
+    paragraphs = [p for p in assets.evaluation_text().split("\n\n") if len(p) > 200][:GREEDY_PROMPTS]
+    agree = total = identical_prefix = 0
+    for p in paragraphs:
+        ids = tok(p[:300], add_special_tokens=False).input_ids
+        out = w4a8_server.post("/v1/completions", {
+            "model": model, "prompt": ids, "max_tokens": GREEDY_TOKENS, "temperature": 0, "logprobs": 0,
+            "return_tokens_as_token_ids": True, "ignore_eos": True})
+        served = [int(t.split(":")[1]) for t in out["choices"][0]["logprobs"]["tokens"]]
+        assert len(served) == GREEDY_TOKENS
+        with torch.no_grad():
+            logits = ref_model(torch.tensor([ids + served]), use_cache=False).logits[0]
+        argmax = logits[len(ids) - 1:-1].argmax(-1).tolist()
+        matches = [a == b for a, b in zip(served, argmax)]
+        agree += sum(matches)
+        total += len(matches)
+        identical_prefix += matches.index(False) if False in matches else len(matches)
+    assert agree / total >= 0.9, f"greedy agreement {agree / total:.3f} (identical prefix {identical_prefix / total:.3f})"

@@ -58,26 +58,42 @@ class LearnReport:
 
 def reader_weight_rows(model: nn.Module, adapter: ModelAdapter, r1: torch.Tensor, seed: int) -> torch.Tensor:
     """Normalized reader weight rows in the original (un-rotated) coordinates, sub-sampled to a fixed cap."""
-    rows = [layer.get_submodule(p).weight.detach() for layer in adapter.decoder_layers(model)
+    mats = [layer.get_submodule(p).weight.detach() for layer in adapter.decoder_layers(model)
             for p in (*adapter.attn_readers, *adapter.mlp_readers)]
-    w = torch.cat(rows).to(torch.float64)
-    if w.shape[0] > MAX_WEIGHT_ROWS:
-        idx = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:MAX_WEIGHT_ROWS]
-        w = w[idx]
+    sizes = torch.tensor([m.shape[0] for m in mats])
+    total = int(sizes.sum())
+    idx = torch.arange(total)
+    if total > MAX_WEIGHT_ROWS:
+        idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:MAX_WEIGHT_ROWS]
+    # gather the chosen rows matrix by matrix: never a concatenated copy of all reader weights
+    starts = torch.cumsum(sizes, 0) - sizes
+    owner = torch.searchsorted(starts, idx, right=True) - 1
+    w = torch.empty(len(idx), mats[0].shape[1], dtype=torch.float64)
+    for j, mat in enumerate(mats):
+        pick = (owner == j).nonzero().squeeze(1)
+        if len(pick):
+            w[pick] = mat[idx[pick] - starts[j]].to(torch.float64)
     return normalize_rows(w, dtype=torch.float32) @ r1.to(torch.float32).T
 
 
 class _SiteRecorder:
-    """Forward hooks that collect one mini-batch's R1 and R2 site vectors (rotated coordinates)."""
+    """Forward hooks that collect one mini-batch's R1 and R2 site vectors (rotated coordinates).
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, n_kv: int, head_dim: int) -> None:
+    R1 vectors are sampled as they arrive (the same seeded number of tokens from every residual input, at most
+    ``max_vectors`` in all), so the full mini-batch of residual states is never held at once.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, n_kv: int, head_dim: int,
+                 max_vectors: int) -> None:
         self.residual: list[torch.Tensor] = []
         self.values: dict[int, torch.Tensor] = {}
         self.handles = []
+        self.generator = torch.Generator()
         norms = []
         for layer in adapter.decoder_layers(model):
             norms += [layer.get_submodule(adapter.attn_norm), layer.get_submodule(adapter.mlp_norm)]
         norms.append(model.get_submodule(adapter.final_norm))
+        self.per_site = -(-max_vectors // len(norms))
         for norm in norms:
             self.handles.append(norm.register_forward_pre_hook(self._record_residual))
         for li, layer in enumerate(adapter.decoder_layers(model)):
@@ -86,11 +102,15 @@ class _SiteRecorder:
             self.handles.append(layer.get_submodule(adapter.v_proj).register_forward_hook(grab))
 
     def _record_residual(self, _module, args):
-        self.residual.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        if x.shape[0] > self.per_site:
+            x = x[torch.randperm(x.shape[0], generator=self.generator)[: self.per_site]]
+        self.residual.append(x.clone())
 
-    def clear(self) -> None:
+    def clear(self, seed: int) -> None:
         self.residual.clear()
         self.values.clear()
+        self.generator.manual_seed(seed)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -130,7 +150,8 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
     if not quantized:
         fake_quant.set_activation_quant(model, fake_quant.ActQuant(bits=None))
         fake_quant.set_attention(model, adapter, fake_quant.AttentionSim(r3=rot.r3))
-    recorder = _SiteRecorder(model, adapter, n_kv, hd)
+    recorder = _SiteRecorder(model, adapter, n_kv, hd, opts.max_vectors)
+    decoder = model.get_decoder()  # hidden states only: the LM head's logits are not needed here
     report = LearnReport()
     try:
         bar = tqdm(range(opts.steps), desc="conqur rotations", disable=not progress)
@@ -138,14 +159,12 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
             t0 = time.perf_counter()
             if quantized and weight_spec is not None:
                 fake_quant.set_weight_fake_quant(model, weight_spec, clip_search=False)  # cheap RTN per step
-            recorder.clear()
+            recorder.clear(seed * 100003 + step)
             with torch.no_grad():
-                model(batches[step % len(batches)].to(device), use_cache=False)
+                decoder(batches[step % len(batches)].to(device), use_cache=False)
             old_r1 = site1.rotation
             x1 = torch.cat(recorder.residual)
-            if x1.shape[0] > opts.max_vectors:  # a seeded sample bounds memory per update
-                gen = torch.Generator().manual_seed(seed * 100003 + step)
-                x1 = x1[torch.randperm(x1.shape[0], generator=gen)[: opts.max_vectors]]
+            recorder.residual.clear()
             u1 = normalize_rows(x1, dtype=torch.float32) @ old_r1.to(torch.float32).T
             w1 = _token_weights(x1, opts.massive_token_weight)
             extra = opts.weight_mu * u1.shape[0] if rows is not None else 0.0

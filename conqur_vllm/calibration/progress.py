@@ -46,3 +46,5 @@ class ProgressMetrics:
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()  # release the port too
+            self.server = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import platform
 import resource
 import sys
@@ -27,6 +29,15 @@ from conqur_vllm.rotation.rotations import apply_rotations
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_memory() -> None:
+    """Free dead tensors and hand glibc's cached pages back, so a later stage's peak starts from what is live."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def calibration_text(name_or_path: str) -> str:
@@ -64,6 +75,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
                 metrics.set_stage("learn_rotations")
                 t0 = time.perf_counter()
                 apply_rotations(model, adapter, rot)
+                release_memory()
                 pipeline.set_quantizers(model, opts, r3=rot.r3)
                 rot, report = learn_rotations(model, adapter, rot, batches, opts.conqur,
                                               weight_spec=pipeline.weight_spec(opts),
@@ -71,9 +83,12 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
                                               on_step=metrics.on_step)
                 learn_report = report.to_dict()
                 times["learn_rotations"] = time.perf_counter() - t0
+                del model
+                release_memory()
                 model, tokenizer = pipeline.load_model(source)  # fuse the final rotations into fresh weights
             state.save_rotations(rot, learn_report)
         apply_rotations(model, adapter, rot)
+        release_memory()
         pipeline.set_quantizers(model, opts, r3=rot.r3)
 
         metrics.set_stage("quantize_weights")
