@@ -32,8 +32,8 @@ from conqur_vllm.quant import QuantSpec, activation_spec, fake_quantize, quantiz
 REPO = Path(__file__).resolve().parents[1]
 HAS_ONEDNN = onednn_available()
 NO_ONEDNN = pytest.mark.skipif(not HAS_ONEDNN, reason="vLLM's CPU extension with oneDNN is not loaded")
-BACKENDS = ["reference", pytest.param("onednn", marks=NO_ONEDNN), pytest.param("hybrid", marks=NO_ONEDNN)]
-GEMM_NAMES = {"reference": "reference", "onednn": "onednn", "hybrid": "onednn+reference"}
+BACKENDS = ["reference", "int4", pytest.param("onednn", marks=NO_ONEDNN), pytest.param("hybrid", marks=NO_ONEDNN)]
+GEMM_NAMES = {"reference": "reference", "int4": "int4-reference", "onednn": "onednn", "hybrid": "onednn+reference"}
 
 
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -97,7 +97,7 @@ def test_int_gemm_backends_match_float64(backend: str, groups: int, out_dtype: t
     b_s = torch.rand(n, groups, generator=g) + 0.1
     bias = torch.randn(n, generator=g)
     gemm = make_int_gemm(b.clone(), b_s.clone(), out_dtype, backend)
-    assert gemm.name == GEMM_NAMES[backend] and (gemm.b_q is None) == (backend == "onednn")
+    assert gemm.name == GEMM_NAMES[backend] and (gemm.b_q is None) == (backend in ("onednn", "int4"))
     out = gemm(a, a_s, bias.to(out_dtype))
     assert out.dtype == out_dtype and out.shape == (m, n)
     assert rel_err(_gemm_reference(a, a_s, b, b_s, bias), out) < (1e-6 if out_dtype == torch.float32 else 1e-2)
@@ -122,6 +122,8 @@ def test_int8_weights_use_the_reference_kernel() -> None:
     for backend in ("onednn", "hybrid"):
         with pytest.raises(ValueError, match=f"the {backend} backend needs INT4 weights on CPU"):
             make_int_gemm(b, torch.ones(16, 1), torch.float32, backend)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="the int4 backend needs INT4 weight codes"):
+        make_int_gemm(b, torch.ones(16, 1), torch.float32, "int4")
     with pytest.raises(ValueError, match="unknown integer GEMM backend"):
         make_int_gemm(b, torch.ones(16, 1), torch.float32, "cutlass")  # type: ignore[arg-type]
 
@@ -270,9 +272,37 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
     assert not hasattr(layer, "weight_packed") and not hasattr(layer, "weight_shape")
     if c["act_bits"] < 16:
         assert layer.conqur_gemm.name == GEMM_NAMES[backend]
-        assert hasattr(layer, "weight_int") == (backend != "onednn")
-        if backend != "onednn":
+        assert hasattr(layer, "weight_int") == (backend in ("reference", "hybrid"))
+        if backend in ("reference", "hybrid"):
             assert layer.weight_int.dtype == torch.int8 and layer.weight_int.shape == (n, k)
+        if backend == "int4":  # packed 8 per int32: half a byte per weight stays resident
+            assert layer.weight_int4.dtype == torch.int32 and layer.weight_int4.shape == (n, k // 8)
+
+
+@pytest.mark.parametrize("case", ["R4 down_proj", "R4 block-64 + group-32"])
+def test_fused_r4_quantization_path_matches_float64(vllm_tp1: None, case: str, monkeypatch) -> None:
+    """The CUDA path's fused Hadamard + quantization op (its reference implementation here) computes the same."""
+    from conqur_vllm.vllm_plugin.linear_method import ConqurLinearMethod
+
+    calls = []
+    fused = torch.ops.conqur.hadamard_quantize_per_token
+    monkeypatch.setattr(ConqurLinearMethod, "fuse_r4_quant", lambda self, layer, x: True)
+    monkeypatch.setattr(torch.ops.conqur, "hadamard_quantize_per_token",
+                        lambda *a: calls.append(a[1:]) or fused(*a), raising=False)
+    c = LINEAR_CASES[case]
+    m, k, n = 40, 256, 192
+    g = torch.Generator().manual_seed(7)
+    config = _plugin_config(weights={"group_size": c["group_size"]},
+                            online_transforms=[{"site": "down_proj_input", "size": k, "block": c["r4"] or None}])
+    method = ConqurLinearMethod(config, c["prefix"], backend="int4")
+    w = torch.randn(n, k, generator=g) / math.sqrt(k)
+    layer, w_deq = _build_layer(method, w, None, c["group_size"])
+    x = torch.randn(m, k, generator=g) * 2
+    out = method.apply(layer, x)
+    xr = x.double() @ (block_hadamard_matrix(k, c["r4"]) if c["r4"] else hadamard_matrix(k))
+    ref = fake_quantize(xr.float(), activation_spec(4, 0.9)).double() @ w_deq.t()
+    assert calls == [(c["r4"] or 0, 4, 0.9)]
+    assert rel_err(ref, out) < 1e-5
 
 
 def test_linear_method_bfloat16_input(vllm_tp1: None) -> None:

@@ -8,13 +8,17 @@ Backends of :func:`make_int_gemm` (resident bytes per weight in brackets):
 - ``reference`` [1]: ``conqur::int_scaled_mm`` on int8 codes (exact integer accumulation; any device).
 - ``onednn`` [1]: oneDNN s8 x s8 GEMM held by vLLM's CPU extension; fastest from ~32 rows on.
 - ``hybrid`` [2]: oneDNN, plus the codes for the reference GEMM on calls with fewer than 16 rows (decode).
-- ``auto``: ``hybrid`` on CPU when oneDNN is there and the weights are INT4, else ``reference``.
+- ``int4`` [0.5]: ``conqur::int4_scaled_mm`` on INT4 codes packed 8 per int32 (compressed-tensors layout):
+  the Triton kernel (unpacked in-kernel, INT8 MMA) on CUDA, the exact reference elsewhere.
+- ``auto``: ``hybrid`` on CPU when oneDNN is there and the weights are INT4; ``int4`` on CUDA when Triton is
+  installed and the weights are INT4 with K a multiple of 8; else ``reference`` (logged once).
 
 The ``CONQUR_INT_GEMM`` environment variable picks the backend of the vLLM plugin (default ``auto``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Literal
@@ -22,12 +26,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from conqur_vllm.kernels import onednn, reference, transforms  # noqa: F401  (registers the ops)
+from conqur_vllm.formats import pack_int4
+from conqur_vllm.kernels import cuda, onednn, reference, transforms  # noqa: F401  (registers the ops)
 from conqur_vllm.kernels.onednn import OneDNNIntGemm, onednn_available
 from conqur_vllm.kernels.reference import ReferenceIntGemm, int_matmul
 
-Backend = Literal["auto", "hybrid", "onednn", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "hybrid", "onednn", "reference")
+logger = logging.getLogger(__name__)
+_FALLBACK_LOGGED: list[bool] = []  # the CUDA fallback is logged once per process
+
+Backend = Literal["auto", "hybrid", "int4", "onednn", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "hybrid", "int4", "onednn", "reference")
 BACKEND_ENV = "CONQUR_INT_GEMM"
 
 IntGemm = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -41,6 +49,21 @@ def backend_from_env() -> Backend:
     return value  # type: ignore[return-value]
 
 
+class PackedInt4Gemm:
+    """``conqur::int4_scaled_mm`` over INT4 codes packed ``[N, K/8]`` int32 (resident: 0.5 byte per weight)."""
+
+    b_q = None
+
+    def __init__(self, b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> None:
+        self.b_packed = pack_int4(b_q)
+        self.b_scale = b_scale.to(torch.float32)
+        self.out_dtype = out_dtype
+        self.name = "int4-triton" if b_q.is_cuda and cuda.TRITON_AVAILABLE else "int4-reference"
+
+    def __call__(self, a_q: Tensor, a_scale: Tensor, bias: Tensor | None) -> Tensor:
+        return torch.ops.conqur.int4_scaled_mm(a_q, a_scale, self.b_packed, self.b_scale, bias, self.out_dtype)
+
+
 def make_int_gemm(b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype, backend: Backend = "auto") -> IntGemm:
     """A callable ``(a_q, a_scale, bias) -> out`` for weights ``b_q`` (int8 ``[N, K]``) and scales ``[N, G]``.
 
@@ -50,13 +73,23 @@ def make_int_gemm(b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype, backend:
         raise ValueError(f"unknown integer GEMM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     int4 = b_q.numel() == 0 or int(b_q.abs().max()) <= onednn.MAX_WEIGHT_CODE
     usable = b_q.device.type == "cpu" and int4 and onednn_available()
+    packable = int4 and b_q.shape[1] % 8 == 0
     if backend in ("onednn", "hybrid") and not usable:
         raise ValueError(f"the {backend} backend needs INT4 weights on CPU and vLLM's CPU extension; "
+                         "use backend 'auto' or 'reference'")
+    if backend == "int4" and not packable:
+        raise ValueError("the int4 backend needs INT4 weight codes and an input size divisible by 8; "
                          "use backend 'auto' or 'reference'")
     if backend == "onednn":
         return OneDNNIntGemm(b_q, b_scale, out_dtype)
     if backend == "hybrid" or (backend == "auto" and usable):
         return OneDNNIntGemm(b_q, b_scale, out_dtype, keep_codes=True)
+    if backend == "int4" or (backend == "auto" and b_q.is_cuda and cuda.TRITON_AVAILABLE and packable):
+        return PackedInt4Gemm(b_q, b_scale, out_dtype)
+    if backend == "auto" and b_q.is_cuda and not _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED.append(True)
+        reason = "Triton is not installed" if not cuda.TRITON_AVAILABLE else "the weights are not INT4 with K % 8 == 0"
+        logger.warning("conqur: %s, so CUDA linears use the reference integer GEMM (slow)", reason)
     return ReferenceIntGemm(b_q, b_scale, out_dtype)
 
 
@@ -65,6 +98,7 @@ __all__ = [
     "BACKEND_ENV",
     "IntGemm",
     "OneDNNIntGemm",
+    "PackedInt4Gemm",
     "ReferenceIntGemm",
     "backend_from_env",
     "int_matmul",

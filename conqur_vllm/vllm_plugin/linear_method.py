@@ -156,15 +156,26 @@ class ConqurLinearMethod(LinearMethodBase):
         gemm = make_int_gemm(codes, scale, layer.params_dtype, self.backend)
         if gemm.b_q is not None:  # the codes stay resident: show them as a parameter of the layer
             layer.weight_int = nn.Parameter(gemm.b_q, requires_grad=False)
+        elif getattr(gemm, "b_packed", None) is not None:
+            layer.weight_int4 = nn.Parameter(gemm.b_packed, requires_grad=False)
         setattr(layer, GEMM_ATTR, gemm)
         logger.info_once("conqur: W%dA%d integer GEMM backend: %s", self.weight_bits, self.act_bits, gemm.name)
 
     # --- forward -------------------------------------------------------------------------------------------
+    def fuse_r4_quant(self, layer: nn.Module, x: Tensor) -> bool:
+        """R4, absmax and quantization in one pass (``conqur::hadamard_quantize_per_token``): on CUDA, where it
+        is one Triton kernel, unless the row is split across ranks (its maximum then needs an all-reduce)."""
+        return x.is_cuda and self.act_bits < 16 and not layer.conqur_sharded_input
+
     def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.r4 is not None:
-            block = 0 if self.r4.block_size == self.r4.size else self.r4.block_size
+        block = None if self.r4 is None else (0 if self.r4.block_size == self.r4.size else self.r4.block_size)
+        if block is not None and self.fuse_r4_quant(layer, x2):
+            a_q, a_scale = torch.ops.conqur.hadamard_quantize_per_token(x2, block, self.act_bits, self.clip_ratio)
+            out = getattr(layer, GEMM_ATTR)(a_q, a_scale, bias)
+            return out.to(x.dtype).view(*shape[:-1], out.shape[-1])
+        if block is not None:
             x2 = torch.ops.conqur.hadamard_transform(x2, block)
         if self.act_bits >= 16:
             out = F.linear(x2, layer.weight, bias)
