@@ -17,11 +17,13 @@ def kernel_path() -> str:
     """Which integer-GEMM path this process would run."""
     import torch  # noqa: PLC0415
 
-    from conqur_vllm.kernels import backend_from_env, onednn_available  # noqa: PLC0415
+    from conqur_vllm.kernels import backend_from_env, cuda, onednn_available  # noqa: PLC0415
 
-    if torch.cuda.is_available():
-        return "cuda-int8mma"
     backend = backend_from_env()
+    if torch.cuda.is_available():
+        if backend == "auto":
+            backend = "int4" if cuda.TRITON_AVAILABLE else "reference"
+        return "cuda-triton-int4-int8mma" if backend == "int4" and cuda.TRITON_AVAILABLE else f"cuda-{backend}"
     if backend == "auto":
         backend = "hybrid" if onednn_available() else "reference"
     return f"cpu-int8-{backend}"
