@@ -14,7 +14,7 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -28,17 +28,17 @@ from conqur_vllm.eval.perplexity import perplexity, tokenize_windows
 # row name -> options (None = the full-precision model)
 ROWS: dict[str, dict | None] = {
     "fp": None,
-    "none-rtn": dict(method="none", weight_quantizer="rtn"),
-    "quarot-rtn": dict(method="quarot", weight_quantizer="rtn"),
-    "quarot-gptq": dict(method="quarot", weight_quantizer="gptq"),
-    "quarot-w4a16-gptq": dict(method="quarot", weight_quantizer="gptq", a_bits=16, kv_bits=16),
-    "quarot-w16a4": dict(method="quarot", w_bits=16),
-    "conqur-rtn": dict(method="conqur", weight_quantizer="rtn"),
-    "conqur-gptq": dict(method="conqur", weight_quantizer="gptq"),
-    "quarot-w4a8-rtn": dict(method="quarot", weight_quantizer="rtn", a_bits=8),
-    "conqur-w4a8-rtn": dict(method="conqur", weight_quantizer="rtn", a_bits=8),
-    "quarot-w4a8-gptq": dict(method="quarot", weight_quantizer="gptq", a_bits=8),
-    "conqur-w4a8-gptq": dict(method="conqur", weight_quantizer="gptq", a_bits=8),
+    "none-rtn": {"method": "none", "weight_quantizer": "rtn"},
+    "quarot-rtn": {"method": "quarot", "weight_quantizer": "rtn"},
+    "quarot-gptq": {"method": "quarot", "weight_quantizer": "gptq"},
+    "quarot-w4a16-gptq": {"method": "quarot", "weight_quantizer": "gptq", "a_bits": 16, "kv_bits": 16},
+    "quarot-w16a4": {"method": "quarot", "w_bits": 16},
+    "conqur-rtn": {"method": "conqur", "weight_quantizer": "rtn"},
+    "conqur-gptq": {"method": "conqur", "weight_quantizer": "gptq"},
+    "quarot-w4a8-rtn": {"method": "quarot", "weight_quantizer": "rtn", "a_bits": 8},
+    "conqur-w4a8-rtn": {"method": "conqur", "weight_quantizer": "rtn", "a_bits": 8},
+    "quarot-w4a8-gptq": {"method": "quarot", "weight_quantizer": "gptq", "a_bits": 8},
+    "conqur-w4a8-gptq": {"method": "conqur", "weight_quantizer": "gptq", "a_bits": 8},
 }
 
 
@@ -90,10 +90,10 @@ def main() -> None:
             entry = {"row": row, "seed": seed, **extra}
             with torch.no_grad():
                 for L, w in windows.items():
-                    entry[f"ppl@{L}"] = perplexity(lambda ids: model(ids, use_cache=False).logits, w,
+                    entry[f"ppl@{L}"] = perplexity(lambda ids, m=model: m(ids, use_cache=False).logits, w,
                                                    progress=False)
             if args.tasks:
-                from conqur_vllm.eval.zeroshot import evaluate_model  # noqa: PLC0415
+                from conqur_vllm.eval.zeroshot import evaluate_model
 
                 entry["zeroshot"] = evaluate_model(model, tokenizer, args.tasks.split(","), limit=args.limit)
             entry["seconds"] = time.perf_counter() - t0
@@ -102,7 +102,7 @@ def main() -> None:
             if model is not fp_model:
                 del model
     print_table(results, seq_lens)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
             "eval_text": args.eval_text,
             "windows_tokens": {L: int(w.numel()) for L, w in windows.items()}, "peak_rss_mb": peak_rss_mb()}
     if args.json:

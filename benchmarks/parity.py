@@ -16,7 +16,7 @@ import argparse
 import json
 import math
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     text = assets.evaluation_text()
@@ -101,7 +101,7 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:<26} {r['ppl']:9.3f} {100 * (r['ppl'] / base - 1):+11.2f}% {r['argmax_agree_vs_fp32_ref']:18.3f}")
     print(f"greedy ({len(prompts)} prompts x {args.max_tokens} tokens): {json.dumps(greedy)}")
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
             "tokens": int(targets.numel())}
     print(json.dumps({"meta": meta, "rows": rows, "greedy": greedy}))
 

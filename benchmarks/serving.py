@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from safetensors import safe_open
@@ -26,7 +26,7 @@ def weight_bytes(model_dir: Path) -> dict[str, int]:
     total = linear = 0
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            for key in st.keys():
+            for key in st:
                 sl = st.get_slice(key)
                 n = 1
                 for d in sl.get_shape():
@@ -79,13 +79,13 @@ def main() -> None:
               "weights_total": q["weight_bytes"]["total"] / base["weight_bytes"]["total"],
               "weights_decoder_linears": q["weight_bytes"]["decoder_linears"] / base["weight_bytes"]["decoder_linears"]}
     print(f"ratios W4A4/bf16: {json.dumps({k: round(v, 3) for k, v in ratios.items()})}")
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
     (out / "serving.json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2))
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
         names = list(rows)

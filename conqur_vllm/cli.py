@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 DEFAULT_OUT = "out/smollm2-conqur-w4a4kv4"
 
@@ -29,7 +28,7 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args):
-    from conqur_vllm.calibration.options import CalibrationOptions, ConqurOptions  # noqa: PLC0415
+    from conqur_vllm.calibration.options import CalibrationOptions, ConqurOptions
 
     conqur = ConqurOptions() if args.steps is None else ConqurOptions(steps=args.steps)
     return CalibrationOptions(
@@ -40,13 +39,13 @@ def _options(args):
 
 
 def cmd_calibrate(args) -> None:
-    from conqur_vllm.calibration.run import calibrate  # noqa: PLC0415
+    from conqur_vllm.calibration.run import calibrate
 
     calibrate(args.model_dir, args.output, _options(args), resume=args.resume, metrics_port=args.metrics_port)
 
 
 def cmd_eval(args) -> None:
-    from conqur_vllm.eval.report import evaluate_path  # noqa: PLC0415
+    from conqur_vllm.eval.report import evaluate_path
 
     result = evaluate_path(args.model, seq_len=args.seq_len, windows=args.windows, tasks=args.tasks,
                            limit=args.limit)
@@ -54,13 +53,13 @@ def cmd_eval(args) -> None:
 
 
 def cmd_serve(args, passthrough: list[str]) -> None:
-    from conqur_vllm.serving import serve  # noqa: PLC0415
+    from conqur_vllm.serving import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, vllm_args=passthrough)
 
 
 def cmd_demo(args) -> None:
-    from conqur_vllm.demo import run_demo  # noqa: PLC0415
+    from conqur_vllm.demo import run_demo
 
     run_demo(out_dir=args.output, serve=not args.no_serve)
 
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from conqur_vllm.errors import USER_ERRORS  # noqa: PLC0415
+    from conqur_vllm.errors import USER_ERRORS
 
     try:
         if args.command == "serve":

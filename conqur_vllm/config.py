@@ -35,7 +35,7 @@ class WeightQuantArgs(_Strict):
     format: Literal["pack-quantized"] = "pack-quantized"
 
     @model_validator(mode="after")
-    def _check(self) -> "WeightQuantArgs":
+    def _check(self) -> WeightQuantArgs:
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"weights.group_size must be positive or null, got {self.group_size}")
         return self
@@ -74,7 +74,7 @@ class OnlineTransform(_Strict):
     block: int | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "OnlineTransform":
+    def _check(self) -> OnlineTransform:
         if self.block is not None and (self.block <= 0 or self.size % self.block):
             raise ValueError(f"transform block {self.block} must divide size {self.size}")
         return self
@@ -112,7 +112,7 @@ class ConqurQuantConfig(_Strict):
     calibration: CalibrationProvenance | None = None
 
     @model_validator(mode="after")
-    def _check_version(self) -> "ConqurQuantConfig":
+    def _check_version(self) -> ConqurQuantConfig:
         if self.version != SCHEMA_VERSION:
             raise ValueError(
                 f"checkpoint schema version {self.version} is not supported (this conqur-vllm reads version "
@@ -126,7 +126,7 @@ class ConqurQuantConfig(_Strict):
 
     # --- (de)serialization -------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict) -> "ConqurQuantConfig":
+    def from_dict(cls, data: dict) -> ConqurQuantConfig:
         """Validate a ``quantization_config`` dict; any problem becomes one CheckpointConfigError line."""
         if data.get("quant_method") != QUANT_METHOD:
             raise CheckpointConfigError(
@@ -147,7 +147,7 @@ class ConqurQuantConfig(_Strict):
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "ConqurQuantConfig":
+    def from_model_dir(cls, model_dir: str | Path) -> ConqurQuantConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise CheckpointConfigError(f"{path} not found: pass a checkpoint folder written by `conqur calibrate`")

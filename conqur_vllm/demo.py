@@ -52,7 +52,7 @@ def run_demo(out_dir: str | Path, serve: bool = True) -> dict[str, float]:
     print("(SmolLM2 ships as a Q4_1 GGUF: its weights already sit on a 4-bit grid in blocks of 32)")
     print(f"[demo] checkpoint: {ckpt} ({time.perf_counter() - t0:.0f}s so far)", file=sys.stderr)
     if serve:
-        from conqur_vllm.serving import chat_once  # noqa: PLC0415
+        from conqur_vllm.serving import chat_once
 
         answer = chat_once(ckpt, "What is the capital of France? Answer in one sentence.")
         print(f"\n[vLLM, ConQuR W4A4 checkpoint] user: What is the capital of France?\n  assistant: {answer}")

@@ -81,7 +81,7 @@ async def run_load(url: str, model: str, prompts: list[str], max_tokens: int, co
 
 
 def main() -> None:
-    import argparse  # noqa: PLC0415
+    import argparse
 
     ap = argparse.ArgumentParser(description="Load-test an OpenAI-compatible completions endpoint")
     ap.add_argument("--url", default="http://127.0.0.1:8000")

@@ -36,7 +36,7 @@ def load_reference_model(ckpt_dir: str | Path, dtype: torch.dtype = torch.float3
     ``kv_override`` replaces the KV simulation (e.g. ``KVQuant(bits=None)`` to compare against a server that
     stores the KV cache in another format).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     qcfg = ConqurQuantConfig.from_model_dir(ckpt_dir)

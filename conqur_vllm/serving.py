@@ -36,7 +36,7 @@ def server_command(checkpoint: str | Path, host: str, port: int, vllm_args: list
     if not plain_model:
         qcfg = ConqurQuantConfig.from_model_dir(ckpt)  # one-line error if this is not a conqur checkpoint
     if not plain_model and not _has_flag(vllm_args, "--kv-cache-dtype"):
-        from conqur_vllm.vllm_plugin.kv_dtype import default_kv_cache_dtype  # noqa: PLC0415
+        from conqur_vllm.vllm_plugin.kv_dtype import default_kv_cache_dtype
 
         cmd += ["--kv-cache-dtype", default_kv_cache_dtype(qcfg)]
     return cmd + list(vllm_args)
@@ -79,8 +79,8 @@ class RunningServer:
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "RunningServer":
-        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+    def __enter__(self) -> RunningServer:
+        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + self.timeout

@@ -10,9 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = ("the model quantization rotation corner hadamard weight token layer value key query cache river "
-         "mountain city music science history language people water light energy number time world house "
-         "school garden market story paper engine signal field").split()
+WORDS = ["the", "model", "quantization", "rotation", "corner", "hadamard", "weight", "token", "layer", "value", "key", "query", "cache", "river", "mountain", "city", "music", "science", "history", "language", "people", "water", "light", "energy", "number", "time", "world", "house", "school", "garden", "market", "story", "paper", "engine", "signal", "field"]
 
 
 def synthetic_text(n_words: int = 20000, seed: int = 0) -> str:
@@ -27,12 +25,11 @@ def synthetic_text(n_words: int = 20000, seed: int = 0) -> str:
 
 def save_tiny_model_dir(path: Path, family: str = "llama", **kw) -> Path:
     """A tiny random model plus a byte-level BPE tokenizer trained on synthetic text, saved as an HF folder."""
+    import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     from tests.tiny_models import tiny_model
-
-    import torch
 
     kw.setdefault("vocab", 384)
     model = tiny_model(family, dtype=torch.float32, **kw)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from conqur_vllm.quant import dequantize
 from conqur_vllm.reference import dequantize_linear, load_reference_model
 from tests.conftest import save_tiny_model_dir, synthetic_text
 
-FAST = dict(samples=8, seq_len=64, conqur=ConqurOptions(steps=2, batch_size=4))
+FAST = {"samples": 8, "seq_len": 64, "conqur": ConqurOptions(steps=2, batch_size=4)}
 
 
 def _opts(text_file, **kw) -> CalibrationOptions:

@@ -3,7 +3,14 @@
 import torch
 
 from conqur_vllm.hadamard import random_hadamard_matrix
-from conqur_vllm.rotation.conqur import CornerSite, corner_moment, corner_objective, corners, normalize_rows, procrustes
+from conqur_vllm.rotation.conqur import (
+    CornerSite,
+    corner_moment,
+    corner_objective,
+    corners,
+    normalize_rows,
+    procrustes,
+)
 
 
 def _outlier_vectors(n=512, d=64, seed=0):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ def quant_config_for(result: CalibrationResult, opts: CalibrationOptions, source
         calibration=CalibrationProvenance(
             method=opts.method, weight_quantizer=opts.weight_quantizer, samples=opts.samples,
             seq_len=opts.seq_len, dataset=opts.calib_text, seed=opts.seed, source_model=source,
-            tool_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            tool_version=__version__, created=datetime.now(UTC).isoformat(timespec="seconds"),
         ),
     )
 

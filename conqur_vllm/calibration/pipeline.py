@@ -40,7 +40,7 @@ class CalibrationResult:
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """Load a local HF causal LM and its tokenizer, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_dir = Path(model_dir)
@@ -55,7 +55,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
 def calibration_batches(tokenizer, text: str, samples: int, seq_len: int, batch_size: int,
                         seed: int) -> list[torch.Tensor]:
     """``samples`` windows of ``seq_len`` tokens (seeded choice among all windows), grouped in batches."""
-    from conqur_vllm.eval.perplexity import tokenize_windows  # noqa: PLC0415
+    from conqur_vllm.eval.perplexity import tokenize_windows
 
     windows = tokenize_windows(tokenizer, text, seq_len)
     if windows.shape[0] < samples:

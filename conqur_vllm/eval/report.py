@@ -14,14 +14,14 @@ from conqur_vllm.eval.perplexity import perplexity, tokenize_windows
 
 def load_for_eval(path: str | Path):
     """The reference forward of a conqur checkpoint, or the full-precision model of a plain HF folder."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer
 
     if is_conqur_checkpoint(path):
-        from conqur_vllm.reference import load_reference_model  # noqa: PLC0415
+        from conqur_vllm.reference import load_reference_model
 
         model, _ = load_reference_model(path)
         return model, AutoTokenizer.from_pretrained(path)
-    from conqur_vllm.calibration.pipeline import load_model  # noqa: PLC0415
+    from conqur_vllm.calibration.pipeline import load_model
 
     return load_model(path)
 
@@ -36,7 +36,7 @@ def evaluate_path(path: str | Path, *, seq_len: int = 512, windows: int = 40, ta
     result = {"model": str(path), "text": "exllamav2 wiki (held out)", "seq_len": seq_len,
               "windows": int(ids.shape[0]), "perplexity": ppl}
     if tasks:
-        from conqur_vllm.eval.zeroshot import evaluate_model  # noqa: PLC0415
+        from conqur_vllm.eval.zeroshot import evaluate_model
 
         result["zeroshot"] = evaluate_model(model, tokenizer, [t for t in tasks.split(",") if t], limit=limit)
     result["seconds"] = time.perf_counter() - t0

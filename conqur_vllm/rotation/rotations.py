@@ -10,7 +10,12 @@ from torch import nn
 from conqur_vllm import fake_quant
 from conqur_vllm.hadamard import block_hadamard_matrix, hadamard_matrix, random_hadamard_matrix
 from conqur_vllm.models.adapters import ModelAdapter
-from conqur_vllm.rotation.fuse import fuse_down_transform, prepare_rotation_invariant, rotate_residual, rotate_values
+from conqur_vllm.rotation.fuse import (
+    fuse_down_transform,
+    prepare_rotation_invariant,
+    rotate_residual,
+    rotate_values,
+)
 
 
 @dataclass

@@ -15,9 +15,9 @@ _info: Info | None = None
 
 def kernel_path() -> str:
     """Which integer-GEMM path this process would run."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from conqur_vllm.kernels import backend_from_env, cuda, onednn_available  # noqa: PLC0415
+    from conqur_vllm.kernels import backend_from_env, cuda, onednn_available
 
     backend = backend_from_env()
     if torch.cuda.is_available():
