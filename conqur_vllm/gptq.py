@@ -22,7 +22,7 @@ class HessianAccumulator:
 
     def add(self, x: Tensor) -> None:
         """Fold one batch in: the batch's ``x^T x`` is computed in the input's precision (float32 GEMMs are
-        2-3x faster than float64 on CPU and GPTQ's damping dwarfs their rounding), the running sum in float64."""
+        cheaper than float64 and GPTQ's damping dwarfs their rounding), the running sum in float64."""
         x = x.detach().reshape(-1, x.shape[-1])
         if x.dtype != torch.float64:
             x = x.float()

@@ -10,7 +10,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = ["the", "model", "quantization", "rotation", "corner", "hadamard", "weight", "token", "layer", "value", "key", "query", "cache", "river", "mountain", "city", "music", "science", "history", "language", "people", "water", "light", "energy", "number", "time", "world", "house", "school", "garden", "market", "story", "paper", "engine", "signal", "field"]
+WORDS = [
+    "the", "model", "quantization", "rotation", "corner", "hadamard", "weight", "token", "layer", "value", "key",
+    "query", "cache", "river", "mountain", "city", "music", "science", "history", "language", "people", "water",
+    "light", "energy", "number", "time", "world", "house", "school", "garden", "market", "story", "paper",
+    "engine", "signal", "field",
+]
 
 
 def synthetic_text(n_words: int = 20000, seed: int = 0) -> str:

@@ -103,9 +103,10 @@ class _SiteRecorder:
 
     def _record_residual(self, _module, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1])
-        if x.shape[0] > self.per_site:
-            x = x[torch.randperm(x.shape[0], generator=self.generator)[: self.per_site]]
-        self.residual.append(x.clone())
+        if x.shape[0] > self.per_site:  # indexing copies: the full input is not kept alive
+            self.residual.append(x[torch.randperm(x.shape[0], generator=self.generator)[: self.per_site]])
+        else:
+            self.residual.append(x.clone())
 
     def clear(self, seed: int) -> None:
         self.residual.clear()
@@ -154,11 +155,11 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
     decoder = model.get_decoder()  # hidden states only: the LM head's logits are not needed here
     report = LearnReport()
     try:
+        if quantized and weight_spec is not None:  # RTN of the current weights inside every forward
+            fake_quant.set_weight_fake_quant(model, weight_spec, clip_search=False)
         bar = tqdm(range(opts.steps), desc="conqur rotations", disable=not progress)
         for step in bar:
             t0 = time.perf_counter()
-            if quantized and weight_spec is not None:
-                fake_quant.set_weight_fake_quant(model, weight_spec, clip_search=False)  # cheap RTN per step
             recorder.clear(seed * 100003 + step)
             with torch.no_grad():
                 decoder(batches[step % len(batches)].to(device), use_cache=False)

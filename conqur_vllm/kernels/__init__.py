@@ -64,6 +64,13 @@ class PackedInt4Gemm:
         return torch.ops.conqur.int4_scaled_mm(a_q, a_scale, self.b_packed, self.b_scale, bias, self.out_dtype)
 
 
+def preferred_backend(on_cuda: bool) -> Backend:
+    """What ``auto`` picks for INT4 weights on this platform (weights that do not fit fall back to ``reference``)."""
+    if on_cuda:
+        return "int4" if cuda.TRITON_AVAILABLE else "reference"
+    return "hybrid" if onednn_available() else "reference"
+
+
 def make_int_gemm(b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype, backend: Backend = "auto") -> IntGemm:
     """A callable ``(a_q, a_scale, bias) -> out`` for weights ``b_q`` (int8 ``[N, K]``) and scales ``[N, G]``.
 
@@ -80,16 +87,19 @@ def make_int_gemm(b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype, backend:
     if backend == "int4" and not packable:
         raise ValueError("the int4 backend needs INT4 weight codes and an input size divisible by 8; "
                          "use backend 'auto' or 'reference'")
+    if backend == "auto":
+        preferred = preferred_backend(b_q.is_cuda)
+        backend = preferred if {"hybrid": usable, "int4": packable}.get(preferred, True) else "reference"
+        if b_q.is_cuda and backend == "reference" and not _FALLBACK_LOGGED:
+            _FALLBACK_LOGGED.append(True)
+            reason = "Triton is not installed" if preferred == "reference" else "the weights are not INT4 with K % 8 == 0"
+            logger.warning("conqur: %s, so CUDA linears use the reference integer GEMM (slow)", reason)
     if backend == "onednn":
         return OneDNNIntGemm(b_q, b_scale, out_dtype)
-    if backend == "hybrid" or (backend == "auto" and usable):
+    if backend == "hybrid":
         return OneDNNIntGemm(b_q, b_scale, out_dtype, keep_codes=True)
-    if backend == "int4" or (backend == "auto" and b_q.is_cuda and cuda.TRITON_AVAILABLE and packable):
+    if backend == "int4":
         return PackedInt4Gemm(b_q, b_scale, out_dtype)
-    if backend == "auto" and b_q.is_cuda and not _FALLBACK_LOGGED:
-        _FALLBACK_LOGGED.append(True)
-        reason = "Triton is not installed" if not cuda.TRITON_AVAILABLE else "the weights are not INT4 with K % 8 == 0"
-        logger.warning("conqur: %s, so CUDA linears use the reference integer GEMM (slow)", reason)
     return ReferenceIntGemm(b_q, b_scale, out_dtype)
 
 
@@ -104,4 +114,5 @@ __all__ = [
     "int_matmul",
     "make_int_gemm",
     "onednn_available",
+    "preferred_backend",
 ]

@@ -174,13 +174,13 @@ class ConqurLinearMethod(LinearMethodBase):
         if block is not None and self.fuse_r4_quant(layer, x2):
             a_q, a_scale = torch.ops.conqur.hadamard_quantize_per_token(x2, block, self.act_bits, self.clip_ratio)
             out = getattr(layer, GEMM_ATTR)(a_q, a_scale, bias)
-            return out.to(x.dtype).view(*shape[:-1], out.shape[-1])
-        if block is not None:
-            x2 = torch.ops.conqur.hadamard_transform(x2, block)
-        if self.act_bits >= 16:
-            out = F.linear(x2, layer.weight, bias)
         else:
-            absmax = row_absmax(x2, layer.conqur_sharded_input)
-            a_q, a_scale = torch.ops.conqur.quantize_per_token(x2, self.act_bits, self.clip_ratio, absmax)
-            out = getattr(layer, GEMM_ATTR)(a_q, a_scale, bias)
+            if block is not None:
+                x2 = torch.ops.conqur.hadamard_transform(x2, block)
+            if self.act_bits >= 16:
+                out = F.linear(x2, layer.weight, bias)
+            else:
+                absmax = row_absmax(x2, layer.conqur_sharded_input)
+                a_q, a_scale = torch.ops.conqur.quantize_per_token(x2, self.act_bits, self.clip_ratio, absmax)
+                out = getattr(layer, GEMM_ATTR)(a_q, a_scale, bias)
         return out.to(x.dtype).view(*shape[:-1], out.shape[-1])

@@ -17,15 +17,14 @@ def kernel_path() -> str:
     """Which integer-GEMM path this process would run."""
     import torch
 
-    from conqur_vllm.kernels import backend_from_env, cuda, onednn_available
+    from conqur_vllm.kernels import backend_from_env, cuda, preferred_backend
 
+    on_cuda = torch.cuda.is_available()
     backend = backend_from_env()
-    if torch.cuda.is_available():
-        if backend == "auto":
-            backend = "int4" if cuda.TRITON_AVAILABLE else "reference"
-        return "cuda-triton-int4-int8mma" if backend == "int4" and cuda.TRITON_AVAILABLE else f"cuda-{backend}"
     if backend == "auto":
-        backend = "hybrid" if onednn_available() else "reference"
+        backend = preferred_backend(on_cuda)
+    if on_cuda:
+        return "cuda-triton-int4-int8mma" if backend == "int4" and cuda.TRITON_AVAILABLE else f"cuda-{backend}"
     return f"cpu-int8-{backend}"
 
 
