@@ -8,6 +8,7 @@ replacing ``QuantLinear.linear.weight`` with its dequantized values. Every part 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,7 @@ class QuantLinear(nn.Module):
         self.online_block = online_block
         self.weight_override: torch.Tensor | None = None  # e.g. fake-quantized weights during calibration
         self.weight_quant: QuantSpec | None = None  # RTN (absmax) fake-quant of the weight at every forward
+        self.input_observer: Callable[[torch.Tensor], None] | None = None  # sees what the weight multiplies
 
     @property
     def weight(self) -> nn.Parameter:
@@ -86,7 +88,10 @@ class QuantLinear(nn.Module):
         if self.weight_quant is not None:
             qt = quantize_weight_rtn(weight.detach().float(), self.weight_quant, clip_search=False)
             weight = dequantize(qt, torch.float32).to(weight.dtype)
-        return F.linear(self.transform_input(x), weight, self.linear.bias)
+        x = self.transform_input(x)
+        if self.input_observer is not None:
+            self.input_observer(x)
+        return F.linear(x, weight, self.linear.bias)
 
 
 def _conqur_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):

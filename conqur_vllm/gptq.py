@@ -43,7 +43,8 @@ def gptq_quantize(w: Tensor, hessian: Tensor, spec: QuantSpec, *, block_size: in
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
-    clip = mse_clip_search(w, spec) if clip_search else None
+    # the grid is chosen on the float32 weight, exactly as RTN chooses it
+    clip = mse_clip_search(w.float(), spec) if clip_search else None
     scale, zero = compute_qparams(w, spec, clip)  # [out, n_groups]
     group = spec.group_size or w.shape[1]
     col_group = torch.arange(w.shape[1], device=w.device) // group
@@ -51,9 +52,11 @@ def gptq_quantize(w: Tensor, hessian: Tensor, spec: QuantSpec, *, block_size: in
     h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     hinv = _upper_cholesky_of_inverse(h)
 
+    # the column sweep runs in float32 like the reference GPTQ (the Cholesky factor is computed in float64);
     # per-column grid (scale, zero) so the inner loop is a handful of vector ops
-    s_cols = scale.to(torch.float64)[:, col_group]
-    z_cols = None if zero is None else zero.to(torch.float64)[:, col_group]
+    w, hinv = w.float(), hinv.float()
+    s_cols = scale.float()[:, col_group]
+    z_cols = None if zero is None else zero.float()[:, col_group]
     q = torch.empty_like(w)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the column loop is many tiny ops: threads only add overhead
@@ -84,7 +87,7 @@ def _gptq_columns(w: Tensor, q: Tensor, hinv: Tensor, s_cols: Tensor, z_cols: Te
             q[:, i1 + i] = codes
             deq = (codes - z1[:, i]) * s1[:, i] if z1 is not None else codes * s1[:, i]
             e = (col - deq) / hinv1[i, i]
-            w1[:, i:].sub_(torch.outer(e, hinv1[i, i:]))
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 

@@ -321,20 +321,33 @@ def fast_hadamard_transform(x: torch.Tensor, block: int | None = None) -> torch.
 
 
 @functools.lru_cache(maxsize=32)
-def _dense_cached(n: int, block: int | None, dtype: torch.dtype, device: str) -> torch.Tensor:
-    h = hadamard_matrix(n) if block is None or block == n else block_hadamard_matrix(n, block)
-    return h.to(dtype=dtype, device=device)
+def _sylvester_as(p: int, scale: float, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return (_sylvester(p) * scale).to(dtype=dtype, device=device)
 
 
-DENSE_LIMIT = 4096
+KRON_CHUNK = 1024
+"""Largest Sylvester factor applied as one dense GEMM by :func:`hadamard_transform`."""
 
 
 def hadamard_transform(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """``x @ H`` like :func:`fast_hadamard_transform`, as one cached dense GEMM when the size is at most
-    ``DENSE_LIMIT`` (faster on CPUs for the sizes of small models), else by butterflies."""
+    """``x @ H`` like :func:`fast_hadamard_transform`, computed as H = H_m ⊗ H_a ⊗ H_b: one small dense GEMM per
+    Kronecker factor (b <= ``KRON_CHUNK``), far fewer FLOPs than a dense n x n GEMM and faster on CPUs than
+    the butterflies. Falls back to the butterflies where a factor would exceed ``KRON_CHUNK``."""
+    if not torch.is_floating_point(x):
+        return fast_hadamard_transform(x, block)  # raises the clear error
     n = x.shape[-1]
-    if n > DENSE_LIMIT or not torch.is_floating_point(x):
+    size = n if block is None else _check_block(n, block)
+    m, p = hadamard_factors(size)
+    b = min(p, KRON_CHUNK)
+    a = p // b
+    if a > KRON_CHUNK:
         return fast_hadamard_transform(x, block)
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    h = _dense_cached(n, block, work, str(x.device))
-    return torch.matmul(x.to(work), h).to(x.dtype)
+    device = str(x.device)
+    y = torch.matmul(x.to(work).reshape(-1, m, a, b), _sylvester_as(b, 1.0 / math.sqrt(size), work, device))
+    if a > 1:
+        y = torch.matmul(_sylvester_as(a, 1.0, work, device), y)
+    y = y.reshape(-1, m, p)
+    if m > 1:
+        y = torch.matmul(_base_matrix_as(m, work, y.device).T, y)
+    return y.reshape(x.shape).to(x.dtype)

@@ -172,18 +172,15 @@ def _collect_hessians(layer: nn.Module, adapter: ModelAdapter, hidden: list[torc
                       ) -> tuple[dict[str, HessianAccumulator], list[torch.Tensor]]:
     """One Hessian per input group (keyed by the group's first linear) and the layer's full-precision outputs."""
     qlins = fake_quant.quant_linears(layer, adapter)
-    accs, handles = {}, []
+    accs = {}
     for group in adapter.input_groups:
         qlin = qlins[group[0]]
         accs[group[0]] = acc = HessianAccumulator(qlin.linear.in_features, device=qlin.linear.weight.device)
-
-        def hook(module, args, _acc=acc):
-            _acc.add(module.transform_input(args[0]))
-        handles.append(qlin.register_forward_pre_hook(hook))
+        qlin.input_observer = acc.add  # the transformed input, computed once for the forward and the Hessian
     try:
         with torch.no_grad():
             fp_out = [_layer_forward(layer, h, kwargs) for h in hidden]
     finally:
-        for h in handles:
-            h.remove()
+        for group in adapter.input_groups:
+            qlins[group[0]].input_observer = None
     return accs, fp_out

@@ -2,7 +2,8 @@
 
 Each step runs one mini-batch through the model with the current rotations fused (and, by default, weights,
 activations and KV fake-quantized), folds the normalized site vectors into each site's d x d moment, re-solves
-the rotations by Procrustes and fuses the *change* of rotation into the weights (in float64). Only the current
+the rotations by Procrustes and fuses the *change* of rotation into the weights (float32 on this scratch model:
+the caller fuses the learned rotations into the original weights in float64). Only the current
 mini-batch's vectors exist at any time; the state kept across steps is one moment per site.
 
 Sites: R1 pools the residual-stream inputs of both RMSNorms of every layer and of the final norm, plus (joint
@@ -25,7 +26,7 @@ from conqur_vllm.calibration.options import ConqurOptions
 from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import QuantSpec
 from conqur_vllm.rotation.conqur import CornerSite, normalize_rows
-from conqur_vllm.rotation.fuse import rotate_residual, rotate_values
+from conqur_vllm.rotation.fuse import rotate_residual, rotate_residual_ends, rotate_values
 from conqur_vllm.rotation.rotations import Rotations, head_dim_of
 
 MAX_WEIGHT_ROWS = 16384
@@ -153,6 +154,11 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
         fake_quant.set_attention(model, adapter, fake_quant.AttentionSim(r3=rot.r3))
     recorder = _SiteRecorder(model, adapter, n_kv, hd, opts.max_vectors)
     decoder = model.get_decoder()  # hidden states only: the LM head's logits are not needed here
+    # the embedding (vocab x d) is rotated on its output while learning and fused once at the end
+    pending = torch.eye(cfg.hidden_size, dtype=torch.float64)
+    pending32 = [pending.float()]
+    embed_hook = model.get_submodule(adapter.embed).register_forward_hook(
+        lambda _m, _a, out: out @ pending32[0].to(out.dtype))
     report = LearnReport()
     try:
         if quantized and weight_spec is not None:  # RTN of the current weights inside every forward
@@ -188,7 +194,9 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
                         deltas[li, h] = old.T @ site.rotation
                 if report.r2_initial is None:
                     report.r2_initial = sum(b2s) / len(b2s)
-            rotate_residual(model, adapter, delta1)
+            rotate_residual(model, adapter, delta1, ends=False, precision=torch.float32)
+            pending = pending @ delta1
+            pending32[0] = pending.float()
             if sites2:
                 rotate_values(model, adapter, deltas)
             log = StepLog(step, time.perf_counter() - t0, b1, a1,
@@ -200,6 +208,8 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
                 on_step(log)
     finally:
         recorder.remove()
+        embed_hook.remove()
+        rotate_residual_ends(model, adapter, pending)
         fake_quant.set_weight_fake_quant(model, None)
         for m, act in saved_act.items():
             m.act = act

@@ -23,14 +23,22 @@ def normalize_rows(x: Tensor, eps: float = 1e-12, dtype: torch.dtype = torch.flo
 
 def corners(z: Tensor) -> Tensor:
     """Nearest corners ``sign(z)/sqrt(d)`` (sign(0) = +1) of rotated unit vectors z [n, d]."""
-    d = z.shape[-1]
-    return torch.where(z >= 0, 1.0, -1.0).to(z.dtype) / d**0.5
+    inv = 1.0 / z.shape[-1] ** 0.5
+    return (z >= 0).to(z.dtype).mul_(2.0 * inv).sub_(inv)
 
 
 def corner_objective(u: Tensor, r: Tensor, weights: Tensor | None = None) -> float:
     """Mean ``|u R - c|^2`` with c the nearest corners (= 2 - 2/sqrt(d) * mean |u R|_1 for unit u)."""
     z = u @ r.to(u.dtype)
     err = (z - corners(z)).pow(2).sum(-1)
+    if weights is None:
+        return float(err.mean())
+    return float((err * weights).sum() / weights.sum())
+
+
+def _objective_of_rotated(z: Tensor, weights: Tensor | None) -> float:
+    """:func:`corner_objective` from ``z = u R`` of unit rows u: ``|z - c|^2 = 2 - 2 |z|_1 / sqrt(d)``."""
+    err = 2.0 - z.abs().sum(-1, dtype=torch.float64) * (2.0 / z.shape[-1] ** 0.5)
     if weights is None:
         return float(err.mean())
     return float((err * weights).sum() / weights.sum())
@@ -67,17 +75,22 @@ class CornerSite:
         ``extra_u`` (e.g. normalized weight rows that R rotates the same way) joins the objective with a total
         weight ``extra_scale``. Returns the batch objective before and after (activations only).
         """
-        before = corner_objective(u, self.rotation, weights)
         r = self.rotation
+        z = u @ r.to(u.dtype)
+        before = _objective_of_rotated(z, weights)
         batch_moment = None
         for _ in range(alternations):
-            batch_moment = corner_moment(u, r, weights)
+            c = corners(z)
+            if weights is not None:
+                c = c * weights[:, None].to(c.dtype)
+            batch_moment = (u.T @ c).to(torch.float64)
             if extra_u is not None and extra_scale > 0:
                 batch_moment = batch_moment + extra_scale / extra_u.shape[0] * corner_moment(extra_u, r)
             r = procrustes(self._combined(batch_moment))
+            z = u @ r.to(u.dtype)
         self.moment = self._combined(batch_moment)
         self.rotation = r
-        after = corner_objective(u, r, weights)
+        after = _objective_of_rotated(z, weights)
         self.history.append(after)
         return before, after
 

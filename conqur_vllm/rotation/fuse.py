@@ -57,21 +57,35 @@ def fold_norms(model: nn.Module, adapter: ModelAdapter) -> None:
     _fold(model.get_submodule(adapter.final_norm), [model.get_submodule(adapter.lm_head)])
 
 
-def rotate_residual(model: nn.Module, adapter: ModelAdapter, r1: torch.Tensor) -> None:
-    """Fuse R1 (d_model x d_model, orthogonal) into embedding, readers and writers. Norms must be folded."""
-    r1 = _f64(r1)
-    embed = model.get_submodule(adapter.embed)
-    _set(embed.weight, _f64(embed.weight) @ r1)
-    readers = [model.get_submodule(adapter.lm_head)]
+def rotate_residual(model: nn.Module, adapter: ModelAdapter, r1: torch.Tensor, *, ends: bool = True,
+                    precision: torch.dtype = torch.float64) -> None:
+    """Fuse R1 (d_model x d_model, orthogonal) into embedding, readers and writers. Norms must be folded.
+
+    ``ends=False`` leaves the embedding and the LM head alone (the caller fuses them later, e.g. once after
+    many small online updates, with :func:`rotate_residual_ends`). ``precision`` float32 is only for scratch
+    models whose result is re-fused from the original weights in float64 (the online learner's updates).
+    """
+    r1 = r1.detach().to(precision)
+    readers = []
     for layer in adapter.decoder_layers(model):
         readers += [layer.get_submodule(p) for p in (*adapter.attn_readers, *adapter.mlp_readers)]
         for path in adapter.writers:
             lin = layer.get_submodule(path)
-            _set(lin.weight, r1.T @ _f64(lin.weight))
+            _set(lin.weight, r1.T @ lin.weight.detach().to(precision))
             if lin.bias is not None:
-                _set(lin.bias, _f64(lin.bias) @ r1)
+                _set(lin.bias, lin.bias.detach().to(precision) @ r1)
     for lin in readers:
-        _set(lin.weight, _f64(lin.weight) @ r1)
+        _set(lin.weight, lin.weight.detach().to(precision) @ r1)
+    if ends:
+        rotate_residual_ends(model, adapter, r1)
+
+
+def rotate_residual_ends(model: nn.Module, adapter: ModelAdapter, r1: torch.Tensor) -> None:
+    """The embedding and LM-head part of :func:`rotate_residual`."""
+    r1 = _f64(r1)
+    for path in (adapter.embed, adapter.lm_head):
+        weight = model.get_submodule(path).weight
+        _set(weight, _f64(weight) @ r1)
 
 
 def rotate_values(model: nn.Module, adapter: ModelAdapter, r2: torch.Tensor) -> None:

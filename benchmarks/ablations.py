@@ -1,0 +1,101 @@
+"""ConQuR's options one at a time against the QuaRot baseline and the default, side by side in one run.
+
+Each variant changes one :class:`~conqur_vllm.calibration.options.ConqurOptions` field from the default. Options
+are chosen on the *technical* text (never on the Wikipedia text the accuracy tables report), W4A4KV4 SmolLM2.
+
+    .venv/bin/python benchmarks/ablations.py --quantizer gptq --seeds 0 --json benchmarks/results/ablations.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import build  # noqa: E402
+
+from conqur_vllm import assets  # noqa: E402
+from conqur_vllm.calibration import pipeline  # noqa: E402
+from conqur_vllm.eval.perplexity import perplexity, tokenize_windows  # noqa: E402
+
+# variant -> ConqurOptions overrides (None = the QuaRot baseline with the same weight quantizer)
+VARIANTS: dict[str, dict | None] = {
+    "quarot": None,
+    "default": {},
+    "no-learned-r2": {"learn_r2": False},
+    "no-weight-rows": {"weight_mu": 0.0},
+    "fp-forward": {"quantized_forward": False},
+    "ema": {"accumulate": "ema"},
+    "alternations-1": {"alternations": 1},
+    "massive-x4": {"massive_token_weight": 4.0},
+    "steps-16": {"steps": 16},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--quantizer", choices=("gptq", "rtn"), default="gptq")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--windows", type=int, default=16, help="512-token windows of the selection text")
+    ap.add_argument("--eval-text", default="technical", help="selection text (not the reported wiki text)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.eval_text in ("wiki", "c4"):
+        raise SystemExit(f"{args.eval_text} is the reported or the calibration text; choose options on another")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    fp_model, tokenizer = pipeline.load_model(assets.smollm2_dir())
+    windows = tokenize_windows(tokenizer, assets.load_text(args.eval_text), 512, max_windows=args.windows)
+    calib_text = assets.calibration_text()
+
+    def ppl(model) -> float:
+        with torch.no_grad():
+            return perplexity(lambda ids: model(ids, use_cache=False).logits, windows, progress=False)
+
+    results = [{"variant": "fp", "seed": 0, "ppl": ppl(fp_model)}]
+    print(json.dumps(results[0]), file=sys.stderr, flush=True)
+    for variant in variants:
+        overrides = VARIANTS[variant]
+        row = f"{'quarot' if overrides is None else 'conqur'}-{args.quantizer}"
+        for seed in seeds:
+            t0 = time.perf_counter()
+            model, extra = build(fp_model, tokenizer, row, seed, overrides or {}, calib_text)
+            entry = {"variant": variant, "seed": seed, "ppl": ppl(model), **extra,
+                     "seconds": time.perf_counter() - t0}
+            results.append(entry)
+            print(json.dumps(entry), file=sys.stderr, flush=True)
+            del model
+    print_table(results)
+    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "eval_text": args.eval_text, "tokens": int(windows.numel()), "quantizer": args.quantizer}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"\n{meta}")
+
+
+def print_table(results: list[dict]) -> None:
+    by: dict[str, list[float]] = {}
+    for r in results:
+        by.setdefault(r["variant"], []).append(r["ppl"])
+    fp = by["fp"][0]
+    base = statistics.mean(by["quarot"]) - fp if "quarot" in by else None
+    print(f"\n{'variant':<16} {'seeds':>5} {'ppl (mean)':>11} {'gap/FP':>8} {'gap / QuaRot gap':>17}")
+    for variant, vals in by.items():
+        mean = statistics.mean(vals)
+        ratio = f"{(mean - fp) / base:17.3f}" if base and variant != "fp" else f"{'':>17}"
+        print(f"{variant:<16} {len(vals):>5} {mean:11.2f} {mean - fp:8.2f} {ratio}")
+
+
+if __name__ == "__main__":
+    main()
