@@ -17,6 +17,10 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=4)
     p.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
+    p.add_argument("--embed-bits", type=int, choices=[4, 8, 16], default=4,
+                   help="token embedding weights (weight-only; 16 = unquantized)")
+    p.add_argument("--head-bits", type=int, choices=[4, 8, 16], default=8,
+                   help="LM head weights (weight-only; 16 = unquantized)")
     p.add_argument("--samples", type=int, default=32, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--calib-text", default="c4", help="exllamav2 text name (c4, wiki, ...) or a .txt path")
@@ -34,6 +38,7 @@ def _options(args):
     return CalibrationOptions(
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
         weight_quantizer=args.weight_quantizer, group_size=args.group_size, samples=args.samples,
+        embed_bits=args.embed_bits, head_bits=args.head_bits,
         seq_len=args.seq_len, calib_text=args.calib_text, device=args.device, seed=args.seed,
         r4_block=args.r4_block, conqur=conqur)
 

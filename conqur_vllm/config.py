@@ -60,6 +60,29 @@ class KVCacheQuantArgs(_Strict):
     clip_ratio: float = Field(default=0.95, gt=0.0, le=1.0)
 
 
+class VocabQuantArgs(_Strict):
+    """Weight-only symmetric INT quantization of the token embedding and the LM head (RTN with clip search).
+
+    Bits 16 leaves that matrix in the model dtype. ``group_size`` (columns per scale) applies to 4-bit
+    matrices; 8-bit ones have one scale per row.
+    """
+
+    embed_bits: Literal[4, 8, 16] = 4
+    head_bits: Literal[4, 8, 16] = 8
+    group_size: int | None = 32
+    embed_module: str = "model.embed_tokens"
+    head_module: str = "lm_head"
+
+    @model_validator(mode="after")
+    def _check(self) -> VocabQuantArgs:
+        if self.group_size is not None and self.group_size <= 0:
+            raise ValueError(f"vocab.group_size must be positive or null, got {self.group_size}")
+        return self
+
+    def group_for(self, bits: int) -> int | None:
+        return self.group_size if bits == 4 else None
+
+
 class OnlineTransform(_Strict):
     """A rotation applied at run time (its inverse is already fused into the neighbouring weights).
 
@@ -109,6 +132,7 @@ class ConqurQuantConfig(_Strict):
     kv_cache: KVCacheQuantArgs = KVCacheQuantArgs()
     online_transforms: tuple[OnlineTransform, ...] = ()
     ignore: tuple[str, ...] = ("lm_head",)
+    vocab: VocabQuantArgs | None = None
     calibration: CalibrationProvenance | None = None
 
     @model_validator(mode="after")
@@ -119,6 +143,15 @@ class ConqurQuantConfig(_Strict):
                 f"{SCHEMA_VERSION}); re-run `conqur calibrate` or upgrade conqur-vllm"
             )
         return self
+
+    def packed_weight_args(self, prefix: str) -> tuple[int, int | None]:
+        """(bits, group size) of the packed weight stored under ``prefix`` (a linear, the embedding or the head)."""
+        if self.vocab is not None:
+            if prefix == self.vocab.embed_module:
+                return self.vocab.embed_bits, self.vocab.group_for(self.vocab.embed_bits)
+            if prefix == self.vocab.head_module:
+                return self.vocab.head_bits, self.vocab.group_for(self.vocab.head_bits)
+        return self.weights.num_bits, self.weights.group_size
 
     def transform(self, site: str) -> OnlineTransform | None:
         """The online transform at ``site``, or None."""

@@ -1,6 +1,6 @@
 """The project's own reference forward of a conqur checkpoint (pure torch + transformers, no vLLM).
 
-Loads the packed INT4 weights, dequantizes them, and installs the online transforms and activation/KV
+Loads the packed INT4 weights (and the packed embedding / LM head), dequantizes them, and installs the online transforms and activation/KV
 fake-quantizers that ``config.json`` describes: the function the served model must reproduce.
 """
 
@@ -21,11 +21,11 @@ from conqur_vllm.quant import QuantizedTensor, QuantSpec, dequantize
 
 
 def dequantize_linear(tensors: dict[str, torch.Tensor], prefix: str, qcfg: ConqurQuantConfig) -> torch.Tensor:
-    """Float32 ``[out, in]`` weight of a packed linear."""
+    """Float32 ``[out, in]`` weight of a packed linear (or of the packed embedding / LM head)."""
     out_f, in_f = (int(v) for v in tensors[f"{prefix}.weight_shape"])
-    bits = qcfg.weights.num_bits
+    bits, group_size = qcfg.packed_weight_args(prefix)
     q = unpack_int32(tensors[f"{prefix}.weight_packed"], bits, in_f, packed_dim=1, signed=True)
-    spec = QuantSpec(bits=bits, symmetric=True, group_size=qcfg.weights.group_size)
+    spec = QuantSpec(bits=bits, symmetric=True, group_size=group_size)
     return dequantize(QuantizedTensor(q, tensors[f"{prefix}.weight_scale"], None, spec), torch.float32)
 
 

@@ -39,7 +39,13 @@ def test_checkpoint_contents_and_report(tiny_llama_dir, text_file, tmp_path):
     tensors = read_checkpoint_tensors(out)
     assert tensors["model.layers.0.self_attn.q_proj.weight_packed"].dtype == torch.int32
     assert "model.layers.0.self_attn.q_proj.weight" not in tensors
-    assert "lm_head.weight" in tensors
+    # default vocab quantization: INT4 embedding in groups of 32 columns, INT8 LM head (one scale per row)
+    assert qcfg.vocab is not None and (qcfg.vocab.embed_bits, qcfg.vocab.head_bits) == (4, 8)
+    assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" not in tensors
+    d = config["hidden_size"]
+    assert tensors["model.embed_tokens.weight_packed"].shape[1] == d // 8
+    assert tensors["model.embed_tokens.weight_scale"].shape[1] == d // 32
+    assert tensors["lm_head.weight_packed"].shape[1] == d // 4 and tensors["lm_head.weight_scale"].shape[1] == 1
     report = json.loads((out / "calibration_report.json").read_text())
     obj = report["rotation_objective"]
     assert len(obj["steps"]) == 2 and obj["steps"][-1]["r1_after"] < obj["r1_objective_initial"]
@@ -50,12 +56,14 @@ def test_checkpoint_contents_and_report(tiny_llama_dir, text_file, tmp_path):
 
 
 def test_reference_forward_equals_calibrated_model(tiny_llama_dir, text_file, tmp_path):
-    """The checkpoint stores exactly the calibrated model (weights bit-exact; bf16 only for embeddings)."""
+    """The checkpoint stores exactly the calibrated model (weights, embedding and head bit-exact; bf16 only for
+    the norms)."""
     opts = _opts(text_file, a_bits=16, kv_bits=16)
     model, tok = pipeline.load_model(tiny_llama_dir)
     result = pipeline.calibrate_model(model, tok, opts, synthetic_text(), progress=False)
     out = export_checkpoint(result, opts, tmp_path / "ckpt", source_dir=tiny_llama_dir, report={})
     tensors = read_checkpoint_tensors(out)
+    assert {"model.embed_tokens", "lm_head"} <= set(result.qweights)
     for prefix, qt in result.qweights.items():
         assert torch.equal(dequantize_linear(tensors, prefix, ConqurQuantConfig.from_model_dir(out)),
                            dequantize(qt, torch.float32))
@@ -63,7 +71,16 @@ def test_reference_forward_equals_calibrated_model(tiny_llama_dir, text_file, tm
     ids = tok(synthetic_text(200, seed=3), return_tensors="pt").input_ids[:, :64]
     with torch.no_grad():
         a, b = model(ids).logits, ref(ids).logits
-    assert float((a - b).norm() / a.norm()) < 2e-2  # embeddings/lm_head stored in bf16
+    assert float((a - b).norm() / a.norm()) < 1e-4
+
+
+def test_unquantized_vocab_keeps_plain_embedding_and_head(tiny_llama_dir, text_file, tmp_path):
+    opts = _opts(text_file, weight_quantizer="rtn", embed_bits=16, head_bits=16)
+    out = calibrate(tiny_llama_dir, tmp_path / "ckpt", opts, progress=False)
+    tensors = read_checkpoint_tensors(out)
+    assert ConqurQuantConfig.from_model_dir(out).vocab is None
+    assert tensors["lm_head.weight"].dtype == torch.bfloat16 and "lm_head.weight_packed" not in tensors
+    assert "model.embed_tokens.weight" in tensors
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])

@@ -27,7 +27,7 @@ from conqur_vllm.config import CheckpointConfigError, ConqurQuantConfig
 from conqur_vllm.formats import unpack_int32
 from conqur_vllm.hadamard import block_hadamard_matrix, hadamard_matrix
 from conqur_vllm.kernels import int_matmul, make_int_gemm, onednn_available
-from conqur_vllm.quant import QuantSpec, activation_spec, fake_quantize, quantize, quantize_weight_rtn
+from conqur_vllm.quant import QuantSpec, activation_spec, dequantize, fake_quantize, quantize, quantize_weight_rtn
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_ONEDNN = onednn_available()
@@ -375,6 +375,7 @@ def test_get_quant_method_dispatch() -> None:
     from conqur_vllm.vllm_plugin._compat import attention_layer_type
     from conqur_vllm.vllm_plugin.kv_cache import ConqurKVCacheMethod
     from conqur_vllm.vllm_plugin.linear_method import ConqurLinearMethod
+    from conqur_vllm.vllm_plugin.vocab_method import ConqurVocabMethod
 
     cfg = _plugin_config(ignore=["lm_head", "re:model\\.layers\\.1\\.mlp\\..*"])
     cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -390,10 +391,47 @@ def test_get_quant_method_dispatch() -> None:
     assert cfg.get_quant_method(_bare(VocabParallelEmbedding), "model.embed_tokens") is None
     assert isinstance(cfg.get_quant_method(_bare(attention_layer_type()), "model.layers.0.self_attn.attn"),
                       ConqurKVCacheMethod)
+    vocab = _plugin_config(vocab={"embed_bits": 4, "head_bits": 8})
+    head = vocab.get_quant_method(_bare(ParallelLMHead), "lm_head")
+    embed = vocab.get_quant_method(_bare(VocabParallelEmbedding), "")  # vLLM's Llama builds it without a prefix
+    assert isinstance(head, ConqurVocabMethod) and (head.bits, head.group_size) == (8, None)
+    assert isinstance(embed, ConqurVocabMethod) and (embed.bits, embed.group_size) == (4, 32)
+    head_only = _plugin_config(vocab={"embed_bits": 16, "head_bits": 4})
+    assert head_only.get_quant_method(_bare(VocabParallelEmbedding), "") is None
+    assert head_only.get_quant_method(_bare(ParallelLMHead), "lm_head").bits == 4
     partial = _plugin_config(ignore=["q_proj"])
     partial.packed_modules_mapping = cfg.packed_modules_mapping
     with pytest.raises(CheckpointConfigError, match="covers only some of"):
         partial.get_quant_method(_bare(QKVParallelLinear), "model.layers.0.self_attn.qkv_proj")
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (8, None)])
+def test_vocab_method_matches_float64(bits: int, group_size: int | None, monkeypatch) -> None:
+    """Looked-up rows and chunked LM-head logits equal the float64 product with the dequantized codes."""
+    from conqur_vllm.vllm_plugin import vocab_method
+
+    monkeypatch.setattr(vocab_method, "CHUNK_ROWS", 48)  # several chunks, the last one partial
+    vocab, dim = 200, 64
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(vocab, dim, generator=g)
+    qt = quantize_weight_rtn(w, QuantSpec(bits, group_size=group_size), clip_search=True)
+    tensors = quantized_linear_tensors("emb", qt)
+    method = vocab_method.ConqurVocabMethod(bits, group_size, "emb")
+    layer = nn.Module()
+    method.create_weights(layer, dim, [vocab], dim, vocab, torch.float32,
+                          weight_loader=lambda param, loaded: param.data.copy_(loaded))
+    for name in ("weight_packed", "weight_scale", "weight_shape"):
+        param = getattr(layer, name)
+        param.weight_loader(param, tensors[f"emb.{name}"])
+    method.process_weights_after_loading(layer)
+    ref = _dequantized(qt)
+    ids = torch.randint(0, vocab, (3, 5), generator=g)
+    assert torch.equal(method.embedding(layer, ids), dequantize(qt, torch.float32)[ids])  # the reference's weights
+    x = torch.randn(6, dim, generator=g)
+    bias = torch.randn(vocab, generator=g)
+    assert rel_err(x.double() @ ref.T + bias.double(), method.apply(layer, x, bias)) < 1e-6
+    resident = layer.weight_packed.element_size() * layer.weight_packed.numel()
+    assert resident == vocab * dim * bits // 8  # packed INT4 or int8 codes: never a float copy
 
 
 def test_register_is_idempotent_and_declared_as_entry_point() -> None:
@@ -546,10 +584,11 @@ GEN_TOKENS = 8
 
 def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = None, act_bits: int = 4,
                           r4_block: int | None = 0, r3: bool = True, kv_bits: int = 4, seed: int = 0,
-                          gain: float = 1.5) -> Path:
+                          gain: float = 1.5, vocab: bool = False) -> Path:
     """A random decoder quantized by RTN (``quant.py``), packed and written by ``checkpoint.write_checkpoint``.
 
     ``r4_block``: None = no R4, 0 = one Hadamard over the intermediate size, else the block size.
+    ``vocab``: INT4 embedding (groups of 32) and INT8 LM head, packed like the linears.
     Weights are drawn with enough scale that the next-token distributions are far from uniform.
     """
     from transformers import AutoModelForCausalLM
@@ -575,10 +614,14 @@ def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = No
             continue
         elif "norm" in name:
             tensors[name] = torch.ones(p.shape, dtype=torch.bfloat16)
-        elif "embed" in name:
-            tensors[name] = torch.randn(p.shape, generator=g).to(torch.bfloat16)
-        else:  # lm_head
-            tensors[name] = (torch.randn(p.shape, generator=g) * 3 / math.sqrt(p.shape[1])).to(torch.bfloat16)
+        else:
+            is_embed = "embed" in name
+            w = torch.randn(p.shape, generator=g) * (1.0 if is_embed else 3 / math.sqrt(p.shape[1]))
+            if vocab:
+                spec = QuantSpec(4, group_size=32) if is_embed else QuantSpec(8)
+                tensors.update(quantized_linear_tensors(module, quantize_weight_rtn(w, spec, clip_search=False)))
+            else:
+                tensors[name] = w.to(torch.bfloat16)
     transforms = []
     if r4_block is not None:
         transforms.append({"site": "down_proj_input", "size": INTER, "block": r4_block or None})
@@ -589,6 +632,7 @@ def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = No
         "weights": {"group_size": group_size, "quantizer": "rtn", "clip_search": False},
         "activations": {"num_bits": act_bits}, "kv_cache": {"num_bits": kv_bits},
         "online_transforms": transforms,
+        "vocab": {"embed_bits": 4, "head_bits": 8, "group_size": 32} if vocab else None,
     })
     return write_checkpoint(out, tensors, model.config.to_dict(), quant)
 
@@ -619,7 +663,8 @@ def reference_log_softmax(ckpt: Path, sequences: list[list[int]], *, act: bool =
     for name, p in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and f"{module}.weight_packed" in tensors:
-            codes = unpack_int32(tensors[f"{module}.weight_packed"], 4, p.shape[1]).double()
+            bits, _ = qc.packed_weight_args(module)
+            codes = unpack_int32(tensors[f"{module}.weight_packed"], bits, p.shape[1]).double()
             scale = tensors[f"{module}.weight_scale"].double()
             state[name] = (codes.view(p.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)).view(p.shape).float()
         else:
@@ -739,7 +784,7 @@ def assert_matches_reference(result: dict[str, Any], ckpt: Path, *, max_diff: fl
         assert float(margin.max()) <= greedy_margin, f"greedy token off the reference argmax by {margin.max():.3f}"
 
 
-def assert_served_by_plugin(result: dict[str, Any], layers: int = 2) -> None:
+def assert_served_by_plugin(result: dict[str, Any], layers: int = 2, vocab: bool = False) -> None:
     info = result["inspect"]
     assert result["quantization"] == "conqur"
     for i in range(layers):
@@ -747,8 +792,9 @@ def assert_served_by_plugin(result: dict[str, Any], layers: int = 2) -> None:
             assert info["methods"][f"model.layers.{i}.{name}"] == "ConqurLinearMethod"
             assert info["gemm"][f"model.layers.{i}.{name}"] == ("onednn+reference" if HAS_ONEDNN else "reference")
         assert info["methods"][f"model.layers.{i}.self_attn.attn"] == "ConqurKVCacheMethod"
-    assert info["methods"]["lm_head"] == "UnquantizedEmbeddingMethod"
-    assert info["methods"]["model.embed_tokens"] == "UnquantizedEmbeddingMethod"
+    vocab_method = "ConqurVocabMethod" if vocab else "UnquantizedEmbeddingMethod"
+    assert info["methods"]["lm_head"] == vocab_method
+    assert info["methods"]["model.embed_tokens"] == vocab_method
     assert info["r3_hooks"] == layers
     assert set(info["kv_dtypes"]) == {result["default_kv"]}
 
@@ -792,10 +838,11 @@ def test_vllm_llama_compiled_matches_reference(llama_ckpt: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_vllm_qwen2_bias_groups_w4a8(tmp_path: Path) -> None:
+    """Also an INT4 embedding and an INT8 LM head (``vocab``)."""
     ckpt = write_tiny_checkpoint(tmp_path / "qwen2", "qwen2", group_size=64, act_bits=8, r4_block=128,
-                                 kv_bits=16, seed=1)
+                                 kv_bits=16, seed=1, vocab=True)
     result = vllm_in_subprocess(tmp_path, {"model": ckpt, "eager": True, "dtype": "float32", "prompts": PROMPTS})
-    assert_served_by_plugin(result)
+    assert_served_by_plugin(result, vocab=True)
     assert result["default_kv"] == "auto"
     assert_matches_reference(result, ckpt, **FP32)
 
@@ -813,8 +860,10 @@ def test_vllm_mistral_bfloat16_w4a8(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_vllm_tensor_parallel_2_matches_single_device_reference(tmp_path: Path) -> None:
     """TP=2 shards qkv/gate_up by output and o/down by input (packed int4 and group scales sliced by vLLM's
-    parameter classes); R4 blocks stay inside a shard and row maxima are all-reduced, so it equals TP=1."""
-    ckpt = write_tiny_checkpoint(tmp_path / "llama-tp", "llama", group_size=64, r4_block=256, kv_bits=16, seed=3)
+    parameter classes); R4 blocks stay inside a shard and row maxima are all-reduced, so it equals TP=1. The
+    INT4 embedding and INT8 LM head shard by vocabulary rows."""
+    ckpt = write_tiny_checkpoint(tmp_path / "llama-tp", "llama", group_size=64, r4_block=256, kv_bits=16, seed=3,
+                                 vocab=True)
     result = vllm_in_subprocess(
         tmp_path,
         {"model": ckpt, "eager": True, "dtype": "float32", "prompts": PROMPTS, "entry_point": True,

@@ -11,6 +11,7 @@ import torch
 from conqur_vllm import __version__
 from conqur_vllm.calibration.options import CalibrationOptions
 from conqur_vllm.calibration.pipeline import CalibrationError, CalibrationResult
+from conqur_vllm.calibration.vocab import vocab_args
 from conqur_vllm.checkpoint import quantized_linear_tensors, write_checkpoint
 from conqur_vllm.config import (
     ActivationQuantArgs,
@@ -41,6 +42,7 @@ def quant_config_for(result: CalibrationResult, opts: CalibrationOptions, source
         activations=ActivationQuantArgs(num_bits=opts.a_bits, clip_ratio=opts.a_clip),
         kv_cache=KVCacheQuantArgs(num_bits=opts.kv_bits, clip_ratio=opts.kv_clip),
         online_transforms=tuple(transforms),
+        vocab=vocab_args(opts, get_adapter(cfg)),
         calibration=CalibrationProvenance(
             method=opts.method, weight_quantizer=opts.weight_quantizer, samples=opts.samples,
             seq_len=opts.seq_len, dataset=opts.calib_text, seed=opts.seed, source_model=source,

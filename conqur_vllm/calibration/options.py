@@ -37,6 +37,9 @@ class CalibrationOptions(BaseModel):
     kv_bits: Literal[4, 8, 16] = 4
     weight_quantizer: Literal["gptq", "rtn"] = "gptq"
     group_size: int | None = None
+    embed_bits: Literal[4, 8, 16] = 4
+    head_bits: Literal[4, 8, 16] = 8
+    vocab_group_size: int | None = Field(default=32, gt=0, description="group of 4-bit embedding/head weights")
     clip_search: bool = True
     a_clip: float = Field(default=0.9, gt=0.0, le=1.0)
     kv_clip: float = Field(default=0.95, gt=0.0, le=1.0)

@@ -1,6 +1,7 @@
 """From a Hugging Face folder to a rotated, weight-quantized, fake-quant-wrapped model (one direction).
 
-HF model -> adapter -> fold norms + initial rotations -> (ConQuR: learn R1/R2 online) -> weights (GPTQ/RTN).
+HF model -> adapter -> fold norms + initial rotations -> (ConQuR: learn R1/R2 online) -> weights (GPTQ/RTN)
+-> embedding and LM head (weight-only RTN).
 The result is what the checkpoint stores and what the evaluation harness measures.
 """
 
@@ -19,6 +20,7 @@ from conqur_vllm import fake_quant
 from conqur_vllm.calibration.layerwise import quantize_weights
 from conqur_vllm.calibration.learn_rotations import LearnReport, learn_rotations
 from conqur_vllm.calibration.options import CalibrationOptions
+from conqur_vllm.calibration.vocab import quantize_vocab
 from conqur_vllm.models.adapters import get_adapter
 from conqur_vllm.quant import QuantizedTensor, QuantSpec
 from conqur_vllm.rotation.rotations import Rotations, apply_rotations, head_dim_of, quarot_rotations
@@ -124,5 +126,6 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
         qweights = quantize_weights(model, adapter, spec, method=opts.weight_quantizer, calib_batches=batches,
                                     clip_search=opts.clip_search, device=opts.device, progress=progress,
                                     on_layer=on_layer)
+        qweights.update(quantize_vocab(model, adapter, opts))
         times["quantize_weights"] = time.perf_counter() - t0
     return CalibrationResult(model, tokenizer, rot, qweights, times, report)

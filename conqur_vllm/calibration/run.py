@@ -21,6 +21,7 @@ from conqur_vllm.calibration.metrics import activation_sqnr
 from conqur_vllm.calibration.options import CalibrationOptions
 from conqur_vllm.calibration.progress import ProgressMetrics
 from conqur_vllm.calibration.resume import CalibrationState
+from conqur_vllm.calibration.vocab import quantize_vocab
 from conqur_vllm.models.adapters import get_adapter
 from conqur_vllm.quant import dequantize
 from conqur_vllm.rotation.rotations import apply_rotations
@@ -110,6 +111,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
                 model, adapter, pipeline.weight_spec(opts), method=opts.weight_quantizer, calib_batches=batches,
                 clip_search=opts.clip_search, device=opts.device, progress=progress, on_layer=on_layer,
                 start_layer=start, resume_hidden=hidden))
+        qweights.update(quantize_vocab(model, adapter, opts))
         times["quantize_weights"] = time.perf_counter() - t0
 
         metrics.set_stage("export")

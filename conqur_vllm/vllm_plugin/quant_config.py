@@ -2,7 +2,8 @@
 
 Built from the checkpoint's ``quantization_config`` through :class:`conqur_vllm.config.ConqurQuantConfig` (the
 shared, validated contract). Layer dispatch: decoder linears -> :class:`ConqurLinearMethod`; layers named in
-``ignore`` -> unquantized; embeddings and ``lm_head`` -> vLLM's unquantized default; ``Attention`` ->
+``ignore`` -> unquantized; token embedding and LM head -> :class:`ConqurVocabMethod` when the checkpoint's
+``vocab`` quantizes them, else vLLM's unquantized default; ``Attention`` ->
 :class:`ConqurKVCacheMethod` (R3 and the KV-cache dtype).
 
 ``ignore`` entries are module names matched against a layer's full name or a dotted suffix of it
@@ -20,6 +21,7 @@ from torch import nn
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
 from conqur_vllm.config import QUANT_METHOD, CheckpointConfigError, ConqurQuantConfig
 from conqur_vllm.vllm_plugin._compat import attention_layer_type
@@ -27,6 +29,7 @@ from conqur_vllm.vllm_plugin.kv_cache import ConqurKVCacheMethod
 from conqur_vllm.vllm_plugin.kv_dtype import default_kv_cache_dtype
 from conqur_vllm.vllm_plugin.linear_method import ConqurLinearMethod
 from conqur_vllm.vllm_plugin.metrics import publish_checkpoint_info
+from conqur_vllm.vllm_plugin.vocab_method import ConqurVocabMethod
 
 FP8_KV_SCHEME: dict[str, Any] = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
                                  "symmetric": True}
@@ -85,13 +88,28 @@ class ConqurConfig(QuantizationConfig):
         self.ignore = [n for n in self.ignore if n.startswith("re:")] + hf_to_vllm_mapper.apply_list(plain)
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, VocabParallelEmbedding):
+            return self._vocab_method(layer)
         if isinstance(layer, LinearBase):
             if self.is_ignored(prefix):
                 return UnquantizedLinearMethod()
             return ConqurLinearMethod(self, prefix)
         if isinstance(layer, attention_layer_type()):
             return ConqurKVCacheMethod(self)
-        return None  # embeddings and lm_head: vLLM's unquantized default
+        return None
+
+    def _vocab_method(self, layer: nn.Module) -> QuantizeMethodBase | None:
+        """The LM head or the token embedding (vLLM builds some embeddings without a prefix, so the layer's
+        class decides which), quantized as ``vocab`` says; None keeps vLLM's unquantized default."""
+        vocab = self.checkpoint.vocab
+        if vocab is None:
+            return None
+        is_head = isinstance(layer, ParallelLMHead)
+        bits = vocab.head_bits if is_head else vocab.embed_bits
+        if bits >= 16:
+            return None
+        name = vocab.head_module if is_head else vocab.embed_module
+        return ConqurVocabMethod(bits, vocab.group_for(bits), name)
 
     @property
     def kv_cache_scheme(self) -> dict[str, Any] | None:

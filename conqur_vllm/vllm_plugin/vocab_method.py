@@ -1,0 +1,88 @@
+"""Weight-only INT4/INT8 token embedding and LM head (``quantization_config.vocab``).
+
+Layout as for linears (symmetric ``pack-quantized``): ``weight_packed`` int32 ``[vocab, dim*bits/32]``,
+``weight_scale`` float32 ``[vocab, groups]``, ``weight_shape`` int64 ``[2]``; rows shard over tensor-parallel
+ranks through vLLM's own ``VocabParallelEmbedding.weight_loader``. Resident: the packed codes (INT4: 0.5 byte
+per weight) or int8 codes (INT8: 1 byte) plus scales. ``embedding`` dequantizes only the looked-up rows;
+``apply`` (the LM head's logits) dequantizes ``CHUNK_ROWS`` vocabulary rows at a time, so no full-precision
+copy of the matrix ever exists. Activations are not quantized here: this is the function of the reference
+forward, whose embedding and head weights are the dequantized codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+from vllm.model_executor.utils import set_weight_attrs
+
+from conqur_vllm.config import CheckpointConfigError
+from conqur_vllm.formats import unpack_int32
+
+CHUNK_ROWS = 8192
+
+
+class ConqurVocabMethod(QuantizeMethodBase):
+    """Quantized ``VocabParallelEmbedding`` / ``ParallelLMHead`` weights of ``bits`` with groups of ``group_size``
+    columns (None = one scale per row)."""
+
+    def __init__(self, bits: int, group_size: int | None, name: str) -> None:
+        self.bits = bits
+        self.group_size = group_size
+        self.name = name
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs: Any) -> None:
+        rows, dim = sum(output_partition_sizes), input_size_per_partition
+        pack = 32 // self.bits
+        group = self.group_size or dim
+        if dim % pack or dim % group:
+            raise CheckpointConfigError(
+                f"{self.name}: embedding size {dim} is not a multiple of {pack} packed values and of the group "
+                f"size {group}; recalibrate with --embed-bits/--head-bits 16 for this model"
+            )
+        packed = nn.Parameter(torch.zeros(rows, dim // pack, dtype=torch.int32), requires_grad=False)
+        set_weight_attrs(packed, {"output_dim": 0, "input_dim": 1, **extra_weight_attrs})
+        scale = nn.Parameter(torch.zeros(rows, dim // group, dtype=torch.float32), requires_grad=False)
+        set_weight_attrs(scale, {"output_dim": 0, **extra_weight_attrs})
+        shape = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+        set_weight_attrs(shape, extra_weight_attrs)
+        layer.register_parameter("weight_packed", packed)
+        layer.register_parameter("weight_scale", scale)
+        layer.register_parameter("weight_shape", shape)
+        layer.conqur_dim = dim
+        layer.params_dtype = params_dtype
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if self.bits == 8:  # int8 codes are as small as packed ones and need no unpacking
+            codes = unpack_int32(layer.weight_packed.data, 8, layer.conqur_dim, packed_dim=1, signed=True)
+            layer.weight_packed = nn.Parameter(codes, requires_grad=False)
+        del layer.weight_shape
+
+    def _rows(self, layer: nn.Module, codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        if self.bits != 8:
+            codes = unpack_int32(codes, self.bits, layer.conqur_dim, packed_dim=1, signed=True)
+        w = codes.to(torch.float32).view(codes.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)
+        return w.view(codes.shape[0], -1).to(dtype)
+
+    def embedding(self, layer: nn.Module, input_: Tensor) -> Tensor:
+        flat = input_.reshape(-1)
+        rows = self._rows(layer, layer.weight_packed[flat], layer.weight_scale[flat], layer.params_dtype)
+        return rows.view(*input_.shape, -1)
+
+    def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        vocab = layer.weight_packed.shape[0]
+        out = torch.empty(*x.shape[:-1], vocab, dtype=x.dtype, device=x.device)
+        for start in range(0, vocab, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, vocab)
+            w = self._rows(layer, layer.weight_packed[start:stop], layer.weight_scale[start:stop], x.dtype)
+            out[..., start:stop] = F.linear(x, w, None if bias is None else bias[start:stop])
+        return out
+
+    def tie_weights(self, layer: nn.Module, embed_tokens: nn.Module) -> nn.Module:
+        raise CheckpointConfigError(f"{self.name}: a quantized LM head cannot be tied to the embedding; "
+                                    "set tie_word_embeddings to false (conqur checkpoints always do)")
