@@ -1,7 +1,8 @@
 """ConQuR's options one at a time against the QuaRot baseline and the default, side by side in one run.
 
 Each variant changes one :class:`~conqur_vllm.calibration.options.ConqurOptions` field from the default. Options
-are chosen on the *technical* text (never on the Wikipedia text the accuracy tables report), W4A4KV4 SmolLM2.
+are chosen on the *technical* text (never on the Wikipedia text the accuracy tables report), W4A4KV4 SmolLM2,
+decoder linears only (embedding and LM head unquantized, as in the accuracy tables).
 
     .venv/bin/python benchmarks/ablations.py --quantizer gptq --seeds 0 --json benchmarks/results/ablations.json
 """
@@ -70,7 +71,7 @@ def main() -> None:
         row = f"{'quarot' if overrides is None else 'conqur'}-{args.quantizer}"
         for seed in seeds:
             t0 = time.perf_counter()
-            model, extra = build(fp_model, tokenizer, row, seed, overrides or {}, calib_text)
+            model, extra = build(fp_model, tokenizer, row, seed, overrides or {}, calib_text, vocab_bits=(16, 16))
             entry = {"variant": variant, "seed": seed, "ppl": ppl(model), **extra,
                      "seconds": time.perf_counter() - t0}
             results.append(entry)

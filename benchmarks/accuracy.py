@@ -42,12 +42,15 @@ ROWS: dict[str, dict | None] = {
 }
 
 
-def build(fp_model, tokenizer, row: str, seed: int, conqur_overrides: dict, calib_text: str):
+def build(fp_model, tokenizer, row: str, seed: int, conqur_overrides: dict, calib_text: str,
+          vocab_bits: tuple[int, int] | None = None):
+    """The row's calibrated model; ``vocab_bits`` = (embedding, head) bits, None = the calibrator's defaults."""
     spec = ROWS[row]
     if spec is None:
         return fp_model, {}
     model = copy.deepcopy(fp_model)
-    opts = CalibrationOptions(seed=seed, conqur=ConqurOptions(**conqur_overrides), **spec)
+    vocab = {} if vocab_bits is None else {"embed_bits": vocab_bits[0], "head_bits": vocab_bits[1]}
+    opts = CalibrationOptions(seed=seed, conqur=ConqurOptions(**conqur_overrides), **spec, **vocab)
     result = pipeline.calibrate_model(model, tokenizer, opts, calib_text, progress=False)
     extra = dict(result.stage_seconds)
     if result.learn_report is not None:
@@ -67,8 +70,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--eval-text", default="wiki",
                     help="held-out text: wiki (reported numbers) or technical (used to choose options)")
+    ap.add_argument("--vocab-bits", default=None,
+                    help="EMBED,HEAD bits of the embedding and LM head (default: the calibrator's, 4,8); "
+                         "16,16 = decoder linears only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    vocab_bits = None if args.vocab_bits is None else tuple(int(b) for b in args.vocab_bits.split(","))
     rows = args.rows.split(",")
     for r in rows:
         if r not in ROWS:
@@ -86,7 +93,7 @@ def main() -> None:
     for row in rows:
         for seed in (seeds if ROWS[row] is not None else [0]):
             t0 = time.perf_counter()
-            model, extra = build(fp_model, tokenizer, row, seed, overrides, calib_text)
+            model, extra = build(fp_model, tokenizer, row, seed, overrides, calib_text, vocab_bits)
             entry = {"row": row, "seed": seed, **extra}
             with torch.no_grad():
                 for L, w in windows.items():
@@ -103,7 +110,7 @@ def main() -> None:
                 del model
     print_table(results, seq_lens)
     meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "eval_text": args.eval_text,
+            "eval_text": args.eval_text, "vocab_bits": vocab_bits or "default",
             "windows_tokens": {L: int(w.numel()) for L, w in windows.items()}, "peak_rss_mb": peak_rss_mb()}
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

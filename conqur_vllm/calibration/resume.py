@@ -61,24 +61,23 @@ class CalibrationState:
 
     # layers ------------------------------------------------------------------------------------------------
     def save_layer(self, index: int, qweights: dict[str, QuantizedTensor], hidden: list | None) -> None:
+        """The layer's codes, then (one atomic file) the index of the last finished layer with the hidden states
+        leaving it, so a kill between the writes never pairs an index with another layer's hidden states."""
         _atomic_save({k: tuple(qt) for k, qt in qweights.items()}, self.root / f"layer{index:04d}.pt")
-        if hidden is not None:
-            _atomic_save(hidden, self.root / "hidden.pt")
-        _atomic_save(index, self.root / "last_layer.pt")
+        _atomic_save({"last_layer": index, "hidden": hidden}, self.root / "progress.pt")
 
     def load_layers(self) -> tuple[int, dict[str, QuantizedTensor], list | None]:
         """(first layer still to do, weights of the layers done, hidden states entering that layer)."""
-        last_path = self.root / "last_layer.pt"
-        if not last_path.is_file():
+        progress_path = self.root / "progress.pt"
+        if not progress_path.is_file():
             return 0, {}, None
-        last = torch.load(last_path)
+        progress = torch.load(progress_path)
+        last = progress["last_layer"]
         done: dict[str, QuantizedTensor] = {}
         for i in range(last + 1):
             saved = torch.load(self.root / f"layer{i:04d}.pt", weights_only=False)
             done.update({k: QuantizedTensor(*v) for k, v in saved.items()})
-        hidden_path = self.root / "hidden.pt"
-        hidden = torch.load(hidden_path) if hidden_path.is_file() else None
-        return last + 1, done, hidden
+        return last + 1, done, progress["hidden"]
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
