@@ -1,6 +1,8 @@
 """ConQuR's options one at a time against the QuaRot baseline and the default, side by side in one run.
 
-Each variant changes one :class:`~conqur_vllm.calibration.options.ConqurOptions` field from the default. Options
+Each variant changes one :class:`~conqur_vllm.calibration.options.ConqurOptions` field from ``--base`` (default:
+the options this table was first measured with, i.e. today's defaults with 3 alternations; the last variant
+combines two removals). Options
 are chosen on the *technical* text (never on the Wikipedia text the accuracy tables report), W4A4KV4 SmolLM2,
 decoder linears only (embedding and LM head unquantized, as in the accuracy tables).
 
@@ -20,11 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import build  # noqa: E402
+from accuracy import build
 
-from conqur_vllm import assets  # noqa: E402
-from conqur_vllm.calibration import pipeline  # noqa: E402
-from conqur_vllm.eval.perplexity import perplexity, tokenize_windows  # noqa: E402
+from conqur_vllm import assets
+from conqur_vllm.calibration import pipeline
+from conqur_vllm.eval.perplexity import perplexity, tokenize_windows
 
 # variant -> ConqurOptions overrides (None = the QuaRot baseline with the same weight quantizer)
 VARIANTS: dict[str, dict | None] = {
@@ -37,6 +39,7 @@ VARIANTS: dict[str, dict | None] = {
     "alternations-1": {"alternations": 1},
     "massive-x4": {"massive_token_weight": 4.0},
     "steps-16": {"steps": 16},
+    "no-r2-no-rows": {"learn_r2": False, "weight_mu": 0.0},
 }
 
 
@@ -47,8 +50,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--windows", type=int, default=16, help="512-token windows of the selection text")
     ap.add_argument("--eval-text", default="technical", help="selection text (not the reported wiki text)")
+    ap.add_argument("--base", default='{"alternations": 3}', help="JSON ConqurOptions the variants start from")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    base = json.loads(args.base)
     variants = args.variants.split(",")
     for v in variants:
         if v not in VARIANTS:
@@ -71,7 +76,8 @@ def main() -> None:
         row = f"{'quarot' if overrides is None else 'conqur'}-{args.quantizer}"
         for seed in seeds:
             t0 = time.perf_counter()
-            model, extra = build(fp_model, tokenizer, row, seed, overrides or {}, calib_text, vocab_bits=(16, 16))
+            model, extra = build(fp_model, tokenizer, row, seed, {**base, **(overrides or {})}, calib_text,
+                                 vocab_bits=(16, 16))
             entry = {"variant": variant, "seed": seed, "ppl": ppl(model), **extra,
                      "seconds": time.perf_counter() - t0}
             results.append(entry)
@@ -79,7 +85,7 @@ def main() -> None:
             del model
     print_table(results)
     meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "eval_text": args.eval_text, "tokens": int(windows.numel()), "quantizer": args.quantizer}
+            "eval_text": args.eval_text, "base": base, "tokens": int(windows.numel()), "quantizer": args.quantizer}
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"\n{meta}")

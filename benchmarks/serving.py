@@ -22,8 +22,8 @@ from conqur_vllm.serving import RunningServer
 
 
 def weight_bytes(model_dir: Path) -> dict[str, int]:
-    """Bytes of all tensors, and of the decoder-layer linear weights alone, as stored in safetensors."""
-    total = linear = 0
+    """Bytes of all tensors, of the decoder-layer linear weights, and of the embedding + LM head, as stored."""
+    total = linear = vocab = 0
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for key in st.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -35,7 +35,18 @@ def weight_bytes(model_dir: Path) -> dict[str, int]:
                 total += size
                 if ".layers." in key and ("_proj.weight" in key):
                     linear += size
-    return {"total": total, "decoder_linears": linear}
+                if "embed_tokens." in key or key.startswith("lm_head."):
+                    vocab += size
+    return {"total": total, "decoder_linears": linear, "embedding_and_head": vocab}
+
+
+def print_memory(checkpoint: Path) -> None:
+    """Stored weight bytes of the bf16 source and the checkpoint, by part, with ratios (no server needed)."""
+    src, ckpt = weight_bytes(assets.smollm2_dir()), weight_bytes(checkpoint)
+    print(f"{'part':<20} {'bf16 MiB':>9} {'ckpt MiB':>9} {'ratio':>6}")
+    for part in src:
+        print(f"{part:<20} {src[part] / 2**20:9.1f} {ckpt[part] / 2**20:9.1f} {ckpt[part] / src[part]:6.3f}")
+    print("(the bf16 source ties its LM head to the embedding, stored once; a rotated checkpoint stores both)")
 
 
 def bench(model_dir: Path, plain: bool, prompts: list[str], max_tokens: int, concurrency: int, log: Path,
@@ -53,9 +64,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--memory-only", action="store_true", help="print the stored weight memory table and exit")
     ap.add_argument("--fp32-baseline", action="store_true",
                     help="also serve the plain model in float32 (CPUs without bf16 units run bf16 slowly)")
     args = ap.parse_args()
+    if args.memory_only:
+        print_memory(Path(args.checkpoint))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = assets.evaluation_text().split("\n\n")

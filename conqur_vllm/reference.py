@@ -22,7 +22,7 @@ from conqur_vllm.quant import QuantizedTensor, QuantSpec, dequantize
 
 def dequantize_linear(tensors: dict[str, torch.Tensor], prefix: str, qcfg: ConqurQuantConfig) -> torch.Tensor:
     """Float32 ``[out, in]`` weight of a packed linear (or of the packed embedding / LM head)."""
-    out_f, in_f = (int(v) for v in tensors[f"{prefix}.weight_shape"])
+    _, in_f = (int(v) for v in tensors[f"{prefix}.weight_shape"])
     bits, group_size = qcfg.packed_weight_args(prefix)
     q = unpack_int32(tensors[f"{prefix}.weight_packed"], bits, in_f, packed_dim=1, signed=True)
     spec = QuantSpec(bits=bits, symmetric=True, group_size=group_size)

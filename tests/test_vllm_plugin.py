@@ -27,7 +27,14 @@ from conqur_vllm.config import CheckpointConfigError, ConqurQuantConfig
 from conqur_vllm.formats import unpack_int32
 from conqur_vllm.hadamard import block_hadamard_matrix, hadamard_matrix
 from conqur_vllm.kernels import int_matmul, make_int_gemm, onednn_available
-from conqur_vllm.quant import QuantSpec, activation_spec, dequantize, fake_quantize, quantize, quantize_weight_rtn
+from conqur_vllm.quant import (
+    QuantSpec,
+    activation_spec,
+    dequantize,
+    fake_quantize,
+    quantize,
+    quantize_weight_rtn,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_ONEDNN = onednn_available()
