@@ -1,8 +1,7 @@
 """ConQuR's options one at a time against the QuaRot baseline and the default, side by side in one run.
 
-Each variant changes one :class:`~conqur_vllm.calibration.options.ConqurOptions` field from ``--base`` (default:
-the options this table was first measured with, i.e. today's defaults with 3 alternations; the last variant
-combines two removals). Options
+Each variant changes one :class:`~conqur_vllm.calibration.options.ConqurOptions` field from ``--base`` (default: no
+override, i.e. the calibrator's defaults; the last variant combines two removals). Options
 are chosen on the *technical* text (never on the Wikipedia text the accuracy tables report), W4A4KV4 SmolLM2,
 decoder linears only (embedding and LM head unquantized, as in the accuracy tables).
 
@@ -50,7 +49,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--windows", type=int, default=16, help="512-token windows of the selection text")
     ap.add_argument("--eval-text", default="technical", help="selection text (not the reported wiki text)")
-    ap.add_argument("--base", default='{"alternations": 3}', help="JSON ConqurOptions the variants start from")
+    ap.add_argument("--base", default="{}", help="JSON ConqurOptions the variants start from")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     base = json.loads(args.base)

@@ -16,7 +16,7 @@ class ConqurOptions(BaseModel):
 
     steps: int = Field(default=8, ge=0, description="online mini-batch updates of the rotations")
     batch_size: int = Field(default=4, ge=1, description="sequences per online mini-batch")
-    alternations: int = Field(default=1, ge=1, description="corner/Procrustes alternations per mini-batch")
+    alternations: int = Field(default=3, ge=1, description="corner/Procrustes alternations per mini-batch")
     accumulate: Literal["sum", "ema"] = "sum"
     ema_decay: float = Field(default=0.5, gt=0.0, lt=1.0)
     weight_mu: float = Field(default=2.0, ge=0.0, description="weight of reader weight rows in the R1 objective")
