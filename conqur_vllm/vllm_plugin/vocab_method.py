@@ -21,6 +21,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from conqur_vllm.config import CheckpointConfigError
 from conqur_vllm.formats import unpack_int32
+from conqur_vllm.quant import QuantizedTensor, QuantSpec, dequantize
 
 CHUNK_ROWS = 8192
 
@@ -33,6 +34,7 @@ class ConqurVocabMethod(QuantizeMethodBase):
         self.bits = bits
         self.group_size = group_size
         self.name = name
+        self.spec = QuantSpec(bits=bits, symmetric=True, group_size=group_size)
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype,
@@ -66,8 +68,7 @@ class ConqurVocabMethod(QuantizeMethodBase):
     def _rows(self, layer: nn.Module, codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
         if self.bits != 8:
             codes = unpack_int32(codes, self.bits, layer.conqur_dim, packed_dim=1, signed=True)
-        w = codes.to(torch.float32).view(codes.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)
-        return w.view(codes.shape[0], -1).to(dtype)
+        return dequantize(QuantizedTensor(codes, scale, None, self.spec), dtype)
 
     def embedding(self, layer: nn.Module, input_: Tensor) -> Tensor:
         flat = input_.reshape(-1)
