@@ -39,6 +39,8 @@ VARIANTS: dict[str, dict | None] = {
     "massive-x4": {"massive_token_weight": 4.0},
     "steps-16": {"steps": 16},
     "no-r2-no-rows": {"learn_r2": False, "weight_mu": 0.0},
+    "grid-target": {"target": "grid"},
+    "grid-alternations-1": {"target": "grid", "alternations": 1},
 }
 
 

@@ -29,12 +29,39 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r4-block", type=int, default=None,
                    help="block size of the down_proj Hadamard (tensor parallel: intermediate/TP or smaller)")
     p.add_argument("--steps", type=int, default=None, help="ConQuR online updates")
+    p.add_argument("--conqur", default=None, metavar="JSON",
+                   help='ConQuR learner options as a JSON object, e.g. \'{"alternations": 1, "target": "grid"}\' '
+                        "(fields of conqur_vllm.calibration.options.ConqurOptions)")
+
+
+def _conqur_options(args):
+    """ConqurOptions from ``--conqur`` JSON (and ``--steps``), or a one-line CalibrationError naming the fix."""
+    from pydantic import ValidationError
+
+    from conqur_vllm.calibration.options import ConqurOptions
+    from conqur_vllm.calibration.pipeline import CalibrationError
+
+    fix = 'pass a JSON object of ConqurOptions fields, e.g. --conqur \'{"alternations": 1}\''
+    try:
+        fields = json.loads(args.conqur) if args.conqur else {}
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"--conqur is not valid JSON ({exc.msg}); {fix}") from None
+    if not isinstance(fields, dict):
+        raise CalibrationError(f"--conqur must be a JSON object, got {type(fields).__name__}; {fix}")
+    if args.steps is not None:
+        fields["steps"] = args.steps
+    try:
+        return ConqurOptions(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "options"
+        raise CalibrationError(f"--conqur {where}: {err['msg']}; {fix}") from None
 
 
 def _options(args):
-    from conqur_vllm.calibration.options import CalibrationOptions, ConqurOptions
+    from conqur_vllm.calibration.options import CalibrationOptions
 
-    conqur = ConqurOptions() if args.steps is None else ConqurOptions(steps=args.steps)
+    conqur = _conqur_options(args)
     return CalibrationOptions(
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
         weight_quantizer=args.weight_quantizer, group_size=args.group_size, samples=args.samples,

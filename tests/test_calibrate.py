@@ -104,6 +104,24 @@ def test_learning_is_deterministic(tiny_llama_dir, text_file):
     assert torch.equal(rots[0].r1, rots[1].r1) and torch.equal(rots[0].r2, rots[1].r2)
 
 
+def test_grid_target_learns_different_orthogonal_rotations(tiny_llama_dir, text_file):
+    """``target="grid"`` reaches the learner: other rotations than the corner rule's, still orthogonal."""
+    rots = {}
+    for target in ("corner", "grid"):
+        model, tok = pipeline.load_model(tiny_llama_dir)
+        opts = _opts(text_file, weight_quantizer="rtn",
+                     conqur=ConqurOptions(steps=2, batch_size=4, target=target))
+        res = pipeline.calibrate_model(model, tok, opts, synthetic_text(), progress=False)
+        rots[target] = res.rotations
+        steps = res.learn_report.steps
+        assert len(steps) == 2 and all(0 < s.r1_after < 2 for s in steps)
+    r1 = rots["grid"].r1
+    eye = torch.eye(r1.shape[0], dtype=torch.float64)
+    assert float((r1.T @ r1 - eye).abs().max()) < 1e-10
+    assert float((r1 - rots["corner"].r1).abs().max()) > 1e-3
+    assert float((rots["grid"].r2 - rots["corner"].r2).abs().max()) > 1e-3
+
+
 def test_bad_inputs_give_one_line_errors(tiny_llama_dir, text_file, tmp_path):
     with pytest.raises(pipeline.CalibrationError, match="lower --samples"):
         calibrate(tiny_llama_dir, tmp_path / "x", _opts(text_file, samples=100000), progress=False)
@@ -111,10 +129,36 @@ def test_bad_inputs_give_one_line_errors(tiny_llama_dir, text_file, tmp_path):
         pipeline.load_model(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "conqur_vllm.cli", "calibrate", str(tmp_path / "nope"),
                            "-o", str(tmp_path / "y"), "--calib-text", str(text_file)],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no config.json" in proc.stderr
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ('{"alternations": 0}', "--conqur alternations: Input should be greater than or equal to 1"),
+    ('{"target": "cube"}', "--conqur target:"),
+    ('{"no_such_knob": 1}', "--conqur no_such_knob: Extra inputs are not permitted"),
+    ("[1]", "must be a JSON object"),
+    ("{alternations: 1}", "not valid JSON"),
+])
+def test_conqur_flag_rejects_bad_options_in_one_line(tiny_llama_dir, text_file, tmp_path, value, message):
+    proc = subprocess.run([sys.executable, "-m", "conqur_vllm.cli", "calibrate", str(tiny_llama_dir),
+                           "-o", str(tmp_path / "y"), "--calib-text", str(text_file), "--conqur", value],
+                          check=False, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr and "--conqur '{" in proc.stderr
+    assert not (tmp_path / "y").exists()
+
+
+def test_conqur_flag_sets_learner_options():
+    from conqur_vllm.cli import _options, build_parser
+
+    args = build_parser().parse_args(["calibrate", "--conqur", '{"alternations": 1, "target": "grid"}',
+                                      "--steps", "3"])
+    conqur = _options(args).conqur
+    assert (conqur.alternations, conqur.target, conqur.steps) == (1, "grid", 3)
+    assert _options(build_parser().parse_args(["calibrate"])).conqur == ConqurOptions()
 
 
 def _cli(src, out, text_file):
@@ -142,7 +186,8 @@ def test_resume_after_sigkill_equals_uninterrupted(text_file, tmp_path):
     assert not out.exists()  # nothing that looks like a checkpoint
     assert (state / "rotations.pt").exists()
 
-    resumed = subprocess.run(_cli(src, out, text_file) + ["--resume"], env=env, capture_output=True, text=True)
+    resumed = subprocess.run(_cli(src, out, text_file) + ["--resume"], check=False, env=env,
+                             capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = read_checkpoint_tensors(ref), read_checkpoint_tensors(out)
     assert a.keys() == b.keys()

@@ -165,6 +165,16 @@ def test_clip_search_never_worse_than_no_clip(spec: QuantSpec) -> None:
         assert float(clip.min()) < 1.0
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(4, group_size=16), QuantSpec(4, symmetric=False)], ids=str)
+def test_clip_search_in_row_blocks_equals_whole_matrix(spec: QuantSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _rand(37, 64, seed=13, dtype=torch.float32)
+    whole = mse_clip_search(w, spec)
+    monkeypatch.setattr("conqur_vllm.quant.CLIP_SEARCH_CHUNK", 5 * 64)  # blocks of 5 rows, last one short
+    blocked = mse_clip_search(w, spec)
+    assert blocked.shape == whole.shape and torch.equal(blocked, whole)
+    assert float(whole.min()) < 1.0  # the search did clip somewhere
+
+
 def test_quantize_weight_rtn_uses_clip_search() -> None:
     w = _rand(16, 64, seed=11)
     spec = QuantSpec(4, group_size=32)

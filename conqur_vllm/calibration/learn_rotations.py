@@ -25,7 +25,7 @@ from conqur_vllm import fake_quant
 from conqur_vllm.calibration.options import ConqurOptions
 from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import QuantSpec
-from conqur_vllm.rotation.conqur import CornerSite, normalize_rows
+from conqur_vllm.rotation.conqur import CornerSite, Target, corners, grid_target, normalize_rows
 from conqur_vllm.rotation.fuse import rotate_residual, rotate_residual_ends, rotate_values
 from conqur_vllm.rotation.rotations import Rotations, head_dim_of
 
@@ -128,22 +128,28 @@ def _token_weights(x: torch.Tensor, massive_weight: float) -> torch.Tensor | Non
 
 def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, batches: list[torch.Tensor],
                     opts: ConqurOptions, *, weight_spec: QuantSpec | None,
+                    act_spec: QuantSpec | None = None, value_spec: QuantSpec | None = None,
                     seed: int = 0, device: torch.device | str = "cpu", progress: bool = True,
                     on_step: Callable[[StepLog], None] | None = None) -> tuple[Rotations, LearnReport]:
     """Run ``opts.steps`` online updates over ``batches`` (cycled); the model ends with the learned rotations fused.
 
     ``rot`` must already be applied to ``model`` (:func:`conqur_vllm.rotation.apply_rotations`).
     ``weight_spec``: weights are RTN fake-quantized (absmax, no clip search) in the forward when given and
-    ``opts.quantized_forward``.
+    ``opts.quantized_forward``. With ``opts.target == "grid"`` the R1 targets lie on ``act_spec``'s grid (weight
+    rows on ``weight_spec``'s) and the R2 targets on ``value_spec``'s; a missing spec falls back to corners.
     """
     cfg = model.config
     n_layers = len(adapter.decoder_layers(model))
     n_kv, hd = cfg.num_key_value_heads, head_dim_of(cfg)
     r2_init = rot.r2.to(torch.float64)
     r2_init = r2_init.expand(n_layers, n_kv, hd, hd) if r2_init.dim() == 2 else r2_init
-    site1 = CornerSite(rot.r1.to(torch.float64).clone(), opts.accumulate, opts.ema_decay)
-    sites2 = [[CornerSite(r2_init[li, h].clone(), opts.accumulate, opts.ema_decay) for h in range(n_kv)]
-              for li in range(n_layers)] if opts.learn_r2 else []
+    def target(spec: QuantSpec | None) -> Target:
+        return grid_target(spec) if opts.target == "grid" and spec is not None else corners
+
+    site1 = CornerSite(rot.r1.to(torch.float64).clone(), opts.accumulate, opts.ema_decay,
+                       target=target(act_spec), extra_target=target(weight_spec))
+    sites2 = [[CornerSite(r2_init[li, h].clone(), opts.accumulate, opts.ema_decay, target=target(value_spec))
+               for h in range(n_kv)] for li in range(n_layers)] if opts.learn_r2 else []
     rows = reader_weight_rows(model, adapter, site1.rotation, seed) if opts.weight_mu > 0 else None
     quantized = opts.quantized_forward
     saved_act = {m: m.act for m in model.modules() if isinstance(m, fake_quant.QuantLinear)}

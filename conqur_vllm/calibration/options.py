@@ -24,6 +24,8 @@ class ConqurOptions(BaseModel):
     quantized_forward: bool = True
     max_vectors: int = Field(default=32768, ge=256, description="R1 site vectors sampled per update (memory cap)")
     massive_token_weight: float = Field(default=1.0, gt=0.0, description="weight of tokens > 8x median norm")
+    target: Literal["corner", "grid"] = Field(
+        default="corner", description="corner: sign(z)/sqrt(d) (the ConQuR rule); grid: the quantizer's INT grid")
 
 
 class CalibrationOptions(BaseModel):

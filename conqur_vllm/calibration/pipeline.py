@@ -74,6 +74,13 @@ def weight_spec(opts: CalibrationOptions) -> QuantSpec | None:
     return None if opts.w_bits >= 16 else QuantSpec(bits=opts.w_bits, symmetric=True, group_size=opts.group_size)
 
 
+def target_specs(opts: CalibrationOptions) -> dict[str, QuantSpec | None]:
+    """The activation (R1) and value (R2) quantizers whose grids ``target="grid"`` aims the rotations at."""
+    act = None if opts.a_bits >= 16 else QuantSpec(bits=opts.a_bits, symmetric=True, clip_ratio=opts.a_clip)
+    value = None if opts.kv_bits >= 16 else QuantSpec(bits=opts.kv_bits, symmetric=False, clip_ratio=opts.kv_clip)
+    return {"act_spec": act, "value_spec": value}
+
+
 def initial_rotations(model: nn.Module, opts: CalibrationOptions) -> Rotations:
     if opts.method == "none":
         return Rotations(r1=None, r2=None, r3=False, r4=False)
@@ -111,6 +118,7 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
         apply_rotations(scratch, adapter, rot)
         set_quantizers(scratch, opts, r3=rot.r3)
         rot, report = learn_rotations(scratch, adapter, rot, batches, opts.conqur, weight_spec=weight_spec(opts),
+                                      **target_specs(opts),
                                       seed=opts.seed, device=opts.device,
                                       progress=progress, on_step=on_step)
         del scratch

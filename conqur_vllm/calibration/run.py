@@ -80,6 +80,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
                 pipeline.set_quantizers(model, opts, r3=rot.r3)
                 rot, report = learn_rotations(model, adapter, rot, batches, opts.conqur,
                                               weight_spec=pipeline.weight_spec(opts),
+                                              **pipeline.target_specs(opts),
                                               seed=opts.seed, device=opts.device, progress=progress,
                                               on_step=metrics.on_step)
                 learn_report = report.to_dict()

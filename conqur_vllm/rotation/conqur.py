@@ -3,15 +3,22 @@
 Row-vector convention (as in :mod:`conqur_vllm.rotation.fuse`): a site's rotated vector is ``z = u R``. The
 nearest corner is ``c = sign(z) / sqrt(d)`` (sign(0) = +1) and, for fixed corners, ``min_R sum_i |u_i R - c_i|^2``
 over orthogonal R is solved by ``R = U V^T`` from the SVD ``M = sum_i u_i^T c_i = U S V^T`` (orthogonal
-Procrustes). :class:`CornerSite` keeps only the d x d float64 accumulator M, never the vectors.
+Procrustes). :class:`CornerSite` keeps only the d x d float64 accumulator M, never the vectors. The same
+alternation works for any target map z -> t(z); :func:`grid_target` puts the targets on the INT-b grid of the
+quantizer that will read ``z`` (the corner is its 1-bit special case).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from conqur_vllm.quant import QuantSpec, fake_quantize
+
+Target = Callable[[Tensor], Tensor]
 
 
 def normalize_rows(x: Tensor, eps: float = 1e-12, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -25,6 +32,23 @@ def corners(z: Tensor) -> Tensor:
     """Nearest corners ``sign(z)/sqrt(d)`` (sign(0) = +1) of rotated unit vectors z [n, d]."""
     inv = 1.0 / z.shape[-1] ** 0.5
     return (z >= 0).to(z.dtype).mul_(2.0 * inv).sub_(inv)
+
+
+def grid_target(spec: QuantSpec) -> Target:
+    """Targets on the quantizer's own grid: ``z -> fake_quantize(z, spec)`` (INT-b codes times the row's scale).
+
+    Procrustes towards these minimizes the quantization error the served quantizer makes on ``z R`` for fixed
+    codes and scales, instead of the distance to the hypercube's corners (the 1-bit grid).
+    """
+    return lambda z: fake_quantize(z, spec)
+
+
+def target_objective(z: Tensor, target: Target, weights: Tensor | None = None) -> float:
+    """Mean ``|z - target(z)|^2`` of rotated rows z (optionally weighted)."""
+    err = (z - target(z)).pow(2).sum(-1, dtype=torch.float64)
+    if weights is None:
+        return float(err.mean())
+    return float((err * weights).sum() / weights.sum())
 
 
 def corner_objective(u: Tensor, r: Tensor, weights: Tensor | None = None) -> float:
@@ -50,9 +74,9 @@ def procrustes(m: Tensor) -> Tensor:
     return u @ vh
 
 
-def corner_moment(u: Tensor, r: Tensor, weights: Tensor | None = None) -> Tensor:
-    """``sum_i w_i u_i^T c_i`` for corners of ``u R`` (d x d, float64)."""
-    c = corners(u @ r.to(u.dtype))
+def corner_moment(u: Tensor, r: Tensor, weights: Tensor | None = None, target: Target = corners) -> Tensor:
+    """``sum_i w_i u_i^T c_i`` for the targets (default: corners) of ``u R`` (d x d, float64)."""
+    c = target(u @ r.to(u.dtype))
     if weights is not None:
         c = c * weights[:, None].to(c.dtype)
     return (u.T @ c).to(torch.float64)
@@ -65,6 +89,8 @@ class CornerSite:
     rotation: Tensor
     accumulate: str = "sum"  # "sum" or "ema"
     decay: float = 0.5
+    target: Target = corners  # where rotated vectors should land (corners = the ConQuR rule)
+    extra_target: Target = corners  # the same for ``extra_u`` rows
     moment: Tensor | None = None
     history: list[float] = field(default_factory=list)
 
@@ -77,22 +103,27 @@ class CornerSite:
         """
         r = self.rotation
         z = u @ r.to(u.dtype)
-        before = _objective_of_rotated(z, weights)
+        before = self._objective(z, weights)
         batch_moment = None
         for _ in range(alternations):
-            c = corners(z)
+            c = self.target(z)
             if weights is not None:
                 c = c * weights[:, None].to(c.dtype)
             batch_moment = (u.T @ c).to(torch.float64)
             if extra_u is not None and extra_scale > 0:
-                batch_moment = batch_moment + extra_scale / extra_u.shape[0] * corner_moment(extra_u, r)
+                batch_moment = batch_moment + extra_scale / extra_u.shape[0] * corner_moment(extra_u, r, target=self.extra_target)
             r = procrustes(self._combined(batch_moment))
             z = u @ r.to(u.dtype)
         self.moment = self._combined(batch_moment)
         self.rotation = r
-        after = _objective_of_rotated(z, weights)
+        after = self._objective(z, weights)
         self.history.append(after)
         return before, after
+
+    def _objective(self, z: Tensor, weights: Tensor | None) -> float:
+        if self.target is corners:
+            return _objective_of_rotated(z, weights)
+        return target_objective(z, self.target, weights)
 
     def _combined(self, batch_moment: Tensor) -> Tensor:
         if self.moment is None:
