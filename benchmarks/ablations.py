@@ -6,6 +6,8 @@ are chosen on the *technical* text (never on the Wikipedia text the accuracy tab
 decoder linears only (embedding and LM head unquantized, as in the accuracy tables).
 
     .venv/bin/python benchmarks/ablations.py --quantizer gptq --seeds 0 --json benchmarks/results/ablations.json
+
+The table pairs each seed's gap with QuaRot's gap for the same seed; ``--include`` adds rows of earlier runs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ VARIANTS: dict[str, dict | None] = {
     "no-learned-r2": {"learn_r2": False},
     "no-weight-rows": {"weight_mu": 0.0},
     "fp-forward": {"quantized_forward": False},
+    "quantized-forward": {"quantized_forward": True},
     "ema": {"accumulate": "ema"},
     "alternations-1": {"alternations": 1},
     "massive-x4": {"massive_token_weight": 4.0},
@@ -52,6 +55,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="512-token windows of the selection text")
     ap.add_argument("--eval-text", default="technical", help="selection text (not the reported wiki text)")
     ap.add_argument("--base", default="{}", help="JSON ConqurOptions the variants start from")
+    ap.add_argument("--include", default="",
+                    help="comma-separated JSON files of earlier runs (same text) whose rows join the table")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     base = json.loads(args.base)
@@ -84,7 +89,9 @@ def main() -> None:
             results.append(entry)
             print(json.dumps(entry), file=sys.stderr, flush=True)
             del model
-    print_table(results)
+    earlier = [r for path in filter(None, args.include.split(","))
+               for r in json.loads(Path(path).read_text())["results"] if r["variant"] != "fp"]
+    print_table(results + earlier)
     meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
             "eval_text": args.eval_text, "base": base, "tokens": int(windows.numel()), "quantizer": args.quantizer}
     if args.json:
@@ -93,16 +100,26 @@ def main() -> None:
 
 
 def print_table(results: list[dict]) -> None:
-    by: dict[str, list[float]] = {}
+    """Mean ppl per variant, its gap to FP over QuaRot's, and the same ratio paired by seed (QuaRot's perplexity
+    moves by several points with its Hadamard seed, so the per-seed ratio is the sharper comparison)."""
+    by: dict[str, dict[int, float]] = {}
     for r in results:
-        by.setdefault(r["variant"], []).append(r["ppl"])
+        by.setdefault(r["variant"], {})[r["seed"]] = r["ppl"]
     fp = by["fp"][0]
-    base = statistics.mean(by["quarot"]) - fp if "quarot" in by else None
-    print(f"\n{'variant':<16} {'seeds':>5} {'ppl (mean)':>11} {'gap/FP':>8} {'gap / QuaRot gap':>17}")
-    for variant, vals in by.items():
+    quarot = by.get("quarot", {})
+    base = statistics.mean(quarot.values()) - fp if quarot else None
+    print(f"\n{'variant':<16} {'seeds':>7} {'ppl (mean)':>11} {'gap/FP':>8} {'gap / QuaRot gap':>17} "
+          f"{'paired by seed (mean ± sd)':>27}  per seed")
+    for variant, per_seed in by.items():
+        vals = list(per_seed.values())
         mean = statistics.mean(vals)
         ratio = f"{(mean - fp) / base:17.3f}" if base and variant != "fp" else f"{'':>17}"
-        print(f"{variant:<16} {len(vals):>5} {mean:11.2f} {mean - fp:8.2f} {ratio}")
+        paired = [(p - fp) / (quarot[s] - fp) for s, p in sorted(per_seed.items()) if s in quarot]
+        cell = (f"{statistics.mean(paired):8.3f} ± {statistics.stdev(paired) if len(paired) > 1 else 0.0:5.3f}"
+                f" (n={len(paired)})") if paired and variant != "fp" else ""
+        seeds = ",".join(str(s) for s in sorted(per_seed))
+        detail = " / ".join(f"{per_seed[s]:.2f}" for s in sorted(per_seed))
+        print(f"{variant:<16} {seeds:>7} {mean:11.2f} {mean - fp:8.2f} {ratio} {cell:>27}  {detail}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--eval-text", default="wiki",
                     help="held-out text: wiki (reported numbers) or technical (used to choose options)")
     ap.add_argument("--vocab-bits", default=None,
-                    help="EMBED,HEAD bits of the embedding and LM head (default: the calibrator's, 4,8); "
+                    help="EMBED,HEAD bits of the embedding and LM head (default: the calibrator's, 4,4); "
                          "16,16 = decoder linears only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

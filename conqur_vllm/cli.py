@@ -19,8 +19,8 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
     p.add_argument("--embed-bits", type=int, choices=[4, 8, 16], default=4,
                    help="token embedding weights (weight-only; 16 = unquantized)")
-    p.add_argument("--head-bits", type=int, choices=[4, 8, 16], default=8,
-                   help="LM head weights (weight-only; 16 = unquantized)")
+    p.add_argument("--head-bits", type=int, choices=[4, 8, 16], default=4,
+                   help="LM head weights (weight-only, GPTQ on its inputs in GPTQ runs; 16 = unquantized)")
     p.add_argument("--samples", type=int, default=32, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--calib-text", default="c4", help="exllamav2 text name (c4, wiki, ...) or a .txt path")

@@ -39,13 +39,13 @@ def test_checkpoint_contents_and_report(tiny_llama_dir, text_file, tmp_path):
     tensors = read_checkpoint_tensors(out)
     assert tensors["model.layers.0.self_attn.q_proj.weight_packed"].dtype == torch.int32
     assert "model.layers.0.self_attn.q_proj.weight" not in tensors
-    # default vocab quantization: INT4 embedding in groups of 32 columns, INT8 LM head (one scale per row)
-    assert qcfg.vocab is not None and (qcfg.vocab.embed_bits, qcfg.vocab.head_bits) == (4, 8)
+    # default vocab quantization: INT4 embedding and INT4 LM head, both in groups of 32 columns
+    assert qcfg.vocab is not None and (qcfg.vocab.embed_bits, qcfg.vocab.head_bits) == (4, 4)
     assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" not in tensors
     d = config["hidden_size"]
     assert tensors["model.embed_tokens.weight_packed"].shape[1] == d // 8
     assert tensors["model.embed_tokens.weight_scale"].shape[1] == d // 32
-    assert tensors["lm_head.weight_packed"].shape[1] == d // 4 and tensors["lm_head.weight_scale"].shape[1] == 1
+    assert tensors["lm_head.weight_packed"].shape[1] == d // 8 and tensors["lm_head.weight_scale"].shape[1] == d // 32
     report = json.loads((out / "calibration_report.json").read_text())
     obj = report["rotation_objective"]
     assert len(obj["steps"]) == 2 and obj["steps"][-1]["r1_after"] < obj["r1_objective_initial"]
@@ -81,6 +81,32 @@ def test_unquantized_vocab_keeps_plain_embedding_and_head(tiny_llama_dir, text_f
     assert ConqurQuantConfig.from_model_dir(out).vocab is None
     assert tensors["lm_head.weight"].dtype == torch.bfloat16 and "lm_head.weight_packed" not in tensors
     assert "model.embed_tokens.weight" in tensors
+
+
+def test_gptq_head_beats_rtn_head_on_its_inputs(tiny_llama_dir, text_file):
+    """With GPTQ runs the LM head is quantized against its real inputs: lower output error than RTN's grid."""
+    from conqur_vllm.calibration.vocab import quantize_vocab
+    from conqur_vllm.models import get_adapter
+
+    model, _ = pipeline.load_model(tiny_llama_dir)
+    adapter = get_adapter(model.config)
+    g = torch.Generator().manual_seed(0)
+    d = model.config.hidden_size
+    mix = torch.randn(d, d, generator=g) / d**0.5  # correlated inputs, as real hidden states are
+    hidden = [torch.randn(2, 64, d, generator=g) @ mix for _ in range(3)]
+    head = model.get_submodule(adapter.lm_head).weight.detach().clone()
+    norm = model.get_submodule(adapter.final_norm)
+    with torch.no_grad():
+        x = torch.cat([norm(h) for h in hidden]).reshape(-1, d)
+    errors = {}
+    for name, final_hidden in (("gptq", hidden), ("rtn", None)):
+        m, _ = pipeline.load_model(tiny_llama_dir)
+        opts = _opts(text_file, head_bits=4, embed_bits=16)
+        qts = quantize_vocab(m, adapter, opts, final_hidden=final_hidden)
+        w = m.get_submodule(adapter.lm_head).weight.detach()
+        assert torch.equal(w, dequantize(qts[adapter.lm_head], torch.float32).to(w.dtype))
+        errors[name] = float((x @ (w - head).T).norm() / (x @ head.T).norm())
+    assert 0 < errors["gptq"] < 0.9 * errors["rtn"], errors
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
@@ -151,6 +177,14 @@ def test_conqur_flag_rejects_bad_options_in_one_line(tiny_llama_dir, text_file, 
     assert not (tmp_path / "y").exists()
 
 
+def test_forward_of_the_learner_defaults_by_weight_quantizer():
+    assert CalibrationOptions(weight_quantizer="gptq").conqur.quantized_forward is False
+    assert CalibrationOptions(weight_quantizer="rtn").conqur.quantized_forward is True
+    explicit = CalibrationOptions(weight_quantizer="rtn", conqur=ConqurOptions(quantized_forward=False))
+    assert explicit.conqur.quantized_forward is False
+    assert CalibrationOptions(**explicit.model_dump()).fingerprint("m") == explicit.fingerprint("m")
+
+
 def test_conqur_flag_sets_learner_options():
     from conqur_vllm.cli import _options, build_parser
 
@@ -158,7 +192,7 @@ def test_conqur_flag_sets_learner_options():
                                       "--steps", "3"])
     conqur = _options(args).conqur
     assert (conqur.alternations, conqur.target, conqur.steps) == (1, "grid", 3)
-    assert _options(build_parser().parse_args(["calibrate"])).conqur == ConqurOptions()
+    assert _options(build_parser().parse_args(["calibrate"])).conqur == ConqurOptions(quantized_forward=False)
 
 
 def _cli(src, out, text_file):

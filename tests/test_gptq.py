@@ -56,3 +56,19 @@ def test_gptq_lowers_output_error_below_rtn(group_size: int | None) -> None:
 def test_gptq_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="GPTQ needs"):
         gptq_quantize(torch.randn(4, 8), torch.eye(6), QuantSpec(bits=4))
+
+
+def test_gptq_in_row_blocks_matches_whole_matrix():
+    """Rows are independent under one Hessian: blocks give the same grid and (up to float32 rounding) codes."""
+    from conqur_vllm.calibration.vocab import gptq_rows
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(50, 32, generator=g)
+    x = torch.randn(400, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    acc = HessianAccumulator(32)
+    acc.add(x)
+    spec = QuantSpec(4, group_size=16)
+    whole = gptq_quantize(w, acc.hessian, spec)
+    blocked = gptq_rows(w, acc.hessian, spec, clip_search=True, rows=16)
+    assert torch.equal(blocked.scale, whole.scale)
+    assert float((blocked.q != whole.q).float().mean()) < 0.01

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ConqurOptions(BaseModel):
@@ -21,7 +21,9 @@ class ConqurOptions(BaseModel):
     ema_decay: float = Field(default=0.5, gt=0.0, lt=1.0)
     weight_mu: float = Field(default=2.0, ge=0.0, description="weight of reader weight rows in the R1 objective")
     learn_r2: bool = True
-    quantized_forward: bool = True
+    quantized_forward: bool | None = Field(
+        default=None, description="learn through the fake-quantized model; None: only with RTN weights "
+                                  "(GPTQ: the full-precision forward won over 3 selection seeds)")
     max_vectors: int = Field(default=32768, ge=256, description="R1 site vectors sampled per update (memory cap)")
     massive_token_weight: float = Field(default=1.0, gt=0.0, description="weight of tokens > 8x median norm")
     target: Literal["corner", "grid"] = Field(
@@ -40,7 +42,7 @@ class CalibrationOptions(BaseModel):
     weight_quantizer: Literal["gptq", "rtn"] = "gptq"
     group_size: int | None = None
     embed_bits: Literal[4, 8, 16] = 4
-    head_bits: Literal[4, 8, 16] = 8
+    head_bits: Literal[4, 8, 16] = 4
     vocab_group_size: int | None = Field(default=32, gt=0, description="group of 4-bit embedding/head weights")
     clip_search: bool = True
     a_clip: float = Field(default=0.9, gt=0.0, le=1.0)
@@ -52,6 +54,14 @@ class CalibrationOptions(BaseModel):
     r4_block: int | None = None
     device: str = "cpu"
     conqur: ConqurOptions = ConqurOptions()
+
+    @model_validator(mode="after")
+    def _resolve_forward(self) -> CalibrationOptions:
+        """``conqur.quantized_forward=None`` becomes True for RTN weights and False for GPTQ (measured defaults)."""
+        if self.conqur.quantized_forward is None:
+            forward = self.weight_quantizer == "rtn"
+            self.conqur = self.conqur.model_copy(update={"quantized_forward": forward})
+        return self
 
     def fingerprint(self, source: str) -> str:
         """Hash of the options and the source model, to refuse resuming a different run."""

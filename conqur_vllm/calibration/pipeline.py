@@ -131,9 +131,16 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
     spec = weight_spec(opts)
     if spec is not None:
         t0 = time.perf_counter()
+        last_hidden: list = []
+
+        def keep_hidden(li, qts, report, hidden):
+            last_hidden[:] = hidden or []
+            if on_layer is not None:
+                on_layer(li, qts, report, hidden)
+
         qweights = quantize_weights(model, adapter, spec, method=opts.weight_quantizer, calib_batches=batches,
                                     clip_search=opts.clip_search, device=opts.device, progress=progress,
-                                    on_layer=on_layer)
-        qweights.update(quantize_vocab(model, adapter, opts))
+                                    on_layer=keep_hidden)
+        qweights.update(quantize_vocab(model, adapter, opts, final_hidden=last_hidden))
         times["quantize_weights"] = time.perf_counter() - t0
     return CalibrationResult(model, tokenizer, rot, qweights, times, report)

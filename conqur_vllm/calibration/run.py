@@ -102,9 +102,12 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             with torch.no_grad():
                 lin.weight.copy_(dequantize(qt, torch.float64).to(lin.weight.dtype))
 
+        final_hidden = [hidden]  # the last finished layer's outputs: the LM head's GPTQ inputs
+
         def on_layer(index, qts, report, hidden_states):
             state.save_layer(index, qts, hidden_states)
             metrics.on_layer(index)
+            final_hidden[0] = hidden_states
 
         qweights = dict(done)
         if start < len(layers):
@@ -112,7 +115,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
                 model, adapter, pipeline.weight_spec(opts), method=opts.weight_quantizer, calib_batches=batches,
                 clip_search=opts.clip_search, device=opts.device, progress=progress, on_layer=on_layer,
                 start_layer=start, resume_hidden=hidden))
-        qweights.update(quantize_vocab(model, adapter, opts))
+        qweights.update(quantize_vocab(model, adapter, opts, final_hidden=final_hidden[0]))
         times["quantize_weights"] = time.perf_counter() - t0
 
         metrics.set_stage("export")

@@ -1,8 +1,10 @@
-"""Weight-only quantization of the token embedding and the LM head (RTN with MSE clip search).
+"""Weight-only quantization of the token embedding and the LM head.
 
-The weights are replaced by their dequantized values, so the evaluated model is the one the checkpoint
-stores. Bits 16 leaves a matrix alone; 4-bit matrices use groups of ``vocab_group_size`` columns, 8-bit ones
-one scale per row.
+The embedding is RTN with MSE clip search (its "input" is a one-hot lookup: no Hessian to use). The LM head is
+GPTQ against the Hessian of its real inputs (the final-normed hidden states leaving the quantized decoder) when
+the run uses GPTQ and those are given, else RTN. The weights are replaced by their dequantized values, so the
+evaluated model is the one the checkpoint stores. Bits 16 leaves a matrix alone; 4-bit matrices use groups of
+``vocab_group_size`` columns, 8-bit ones one scale per row.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from torch import nn
 
 from conqur_vllm.calibration.options import CalibrationOptions
 from conqur_vllm.config import VocabQuantArgs
+from conqur_vllm.gptq import HessianAccumulator, gptq_quantize
 from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import QuantizedTensor, QuantSpec, dequantize, quantize_weight_rtn
+
+HEAD_GPTQ_ROWS = 8192
 
 
 def vocab_args(opts: CalibrationOptions, adapter: ModelAdapter) -> VocabQuantArgs | None:
@@ -24,9 +29,32 @@ def vocab_args(opts: CalibrationOptions, adapter: ModelAdapter) -> VocabQuantArg
                           embed_module=adapter.embed, head_module=adapter.lm_head)
 
 
-def quantize_vocab(model: nn.Module, adapter: ModelAdapter, opts: CalibrationOptions
-                   ) -> dict[str, QuantizedTensor]:
-    """Quantize the embedding and LM head in place as ``opts`` says; returns ``{module path: codes}``."""
+def head_hessian(model: nn.Module, adapter: ModelAdapter, final_hidden: list[torch.Tensor]) -> torch.Tensor:
+    """GPTQ Hessian of the LM head's inputs: the final norm applied to the last decoder layer's outputs."""
+    norm = model.get_submodule(adapter.final_norm)
+    acc = HessianAccumulator(norm.weight.shape[0])
+    with torch.no_grad():
+        for h in final_hidden:
+            acc.add(norm(h))
+    return acc.hessian
+
+
+def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, clip_search: bool,
+              rows: int = HEAD_GPTQ_ROWS) -> QuantizedTensor:
+    """GPTQ of a tall matrix in blocks of ``rows`` output rows (rows are independent under one Hessian), so the
+    working copies stay small next to a 49k-row LM head."""
+    parts = [gptq_quantize(block.float(), hessian, spec, clip_search=clip_search) for block in weight.split(rows)]
+    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
+    return QuantizedTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, spec)
+
+
+def quantize_vocab(model: nn.Module, adapter: ModelAdapter, opts: CalibrationOptions,
+                   final_hidden: list[torch.Tensor] | None = None) -> dict[str, QuantizedTensor]:
+    """Quantize the embedding and LM head in place as ``opts`` says; returns ``{module path: codes}``.
+
+    ``final_hidden``: the calibration batches' hidden states after the last (quantized) decoder layer; with
+    ``opts.weight_quantizer == "gptq"`` the head is quantized by GPTQ against them.
+    """
     args = vocab_args(opts, adapter)
     if args is None:
         return {}
@@ -36,7 +64,11 @@ def quantize_vocab(model: nn.Module, adapter: ModelAdapter, opts: CalibrationOpt
             continue
         weight = model.get_submodule(path).weight
         spec = QuantSpec(bits=bits, symmetric=True, group_size=args.group_for(bits))
-        qt = quantize_weight_rtn(weight.detach().float(), spec, clip_search=opts.clip_search)
+        if path == args.head_module and final_hidden and opts.weight_quantizer == "gptq":
+            qt = gptq_rows(weight.detach(), head_hessian(model, adapter, final_hidden), spec,
+                           clip_search=opts.clip_search)
+        else:
+            qt = quantize_weight_rtn(weight.detach().float(), spec, clip_search=opts.clip_search)
         with torch.no_grad():
             weight.copy_(dequantize(qt, torch.float32).to(weight.dtype))
         out[path] = qt
