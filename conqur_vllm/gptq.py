@@ -67,6 +67,15 @@ def gptq_quantize(w: Tensor, hessian: Tensor, spec: QuantSpec, *, block_size: in
     return QuantizedTensor(q.to(spec.code_dtype), scale, None if zero is None else zero.to(torch.uint8), spec)
 
 
+def gptq_rows(weight: Tensor, hessian: Tensor, spec: QuantSpec, *, clip_search: bool,
+              rows: int = 8192) -> QuantizedTensor:
+    """GPTQ of a tall matrix in blocks of ``rows`` output rows (rows are independent under one Hessian), so the
+    working copies stay small for a 49k-row LM head."""
+    parts = [gptq_quantize(block.float(), hessian, spec, clip_search=clip_search) for block in weight.split(rows)]
+    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
+    return QuantizedTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, spec)
+
+
 def _gptq_columns(w: Tensor, q: Tensor, hinv: Tensor, s_cols: Tensor, z_cols: Tensor | None, qmin: float,
                   qmax: float, block_size: int) -> None:
     """The GPTQ column sweep: writes codes into ``q`` and propagates the error through ``w`` in place."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conqur_vllm.gptq import HessianAccumulator, gptq_quantize
+from conqur_vllm.gptq import HessianAccumulator, gptq_quantize, gptq_rows
 from conqur_vllm.quant import QuantSpec, dequantize, quantize_weight_rtn
 
 
@@ -60,8 +60,6 @@ def test_gptq_rejects_mismatched_shapes() -> None:
 
 def test_gptq_in_row_blocks_matches_whole_matrix():
     """Rows are independent under one Hessian: blocks give the same grid and (up to float32 rounding) codes."""
-    from conqur_vllm.calibration.vocab import gptq_rows
-
     g = torch.Generator().manual_seed(4)
     w = torch.randn(50, 32, generator=g)
     x = torch.randn(400, 32, generator=g) @ torch.randn(32, 32, generator=g)

@@ -2,8 +2,8 @@
 
 Each step runs one mini-batch through the model with the current rotations fused (with
 ``quantized_forward``, weights, activations and KV fake-quantized; :class:`CalibrationOptions` turns it on
-for RTN runs only, see benchmarks/RESULTS.md), folds the normalized site vectors into each site's d x d moment, re-solves
-the rotations by Procrustes and fuses the *change* of rotation into the weights (float32 on this scratch model:
+for RTN runs only, see benchmarks/RESULTS.md), folds the normalized site vectors into each site's d x d
+moment, re-solves the rotations by Procrustes and fuses the *change* of rotation into the weights (float32 on this scratch model:
 the caller fuses the learned rotations into the original weights in float64). Only the current
 mini-batch's vectors exist at any time; the state kept across steps is one moment per site.
 

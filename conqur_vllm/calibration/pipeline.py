@@ -22,7 +22,7 @@ from conqur_vllm.calibration.learn_rotations import LearnReport, learn_rotations
 from conqur_vllm.calibration.options import CalibrationOptions
 from conqur_vllm.calibration.vocab import quantize_vocab
 from conqur_vllm.models.adapters import get_adapter
-from conqur_vllm.quant import QuantizedTensor, QuantSpec
+from conqur_vllm.quant import QuantizedTensor, QuantSpec, activation_spec, kv_spec
 from conqur_vllm.rotation.rotations import Rotations, apply_rotations, head_dim_of, quarot_rotations
 
 
@@ -76,8 +76,8 @@ def weight_spec(opts: CalibrationOptions) -> QuantSpec | None:
 
 def target_specs(opts: CalibrationOptions) -> dict[str, QuantSpec | None]:
     """The activation (R1) and value (R2) quantizers whose grids ``target="grid"`` aims the rotations at."""
-    act = None if opts.a_bits >= 16 else QuantSpec(bits=opts.a_bits, symmetric=True, clip_ratio=opts.a_clip)
-    value = None if opts.kv_bits >= 16 else QuantSpec(bits=opts.kv_bits, symmetric=False, clip_ratio=opts.kv_clip)
+    act = None if opts.a_bits >= 16 else activation_spec(opts.a_bits, opts.a_clip)
+    value = None if opts.kv_bits >= 16 else kv_spec(opts.kv_bits, clip_ratio=opts.kv_clip)  # one head's row
     return {"act_spec": act, "value_spec": value}
 
 

@@ -14,11 +14,9 @@ from torch import nn
 
 from conqur_vllm.calibration.options import CalibrationOptions
 from conqur_vllm.config import VocabQuantArgs
-from conqur_vllm.gptq import HessianAccumulator, gptq_quantize
+from conqur_vllm.gptq import HessianAccumulator, gptq_rows
 from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import QuantizedTensor, QuantSpec, dequantize, quantize_weight_rtn
-
-HEAD_GPTQ_ROWS = 8192
 
 
 def vocab_args(opts: CalibrationOptions, adapter: ModelAdapter) -> VocabQuantArgs | None:
@@ -39,15 +37,6 @@ def head_hessian(model: nn.Module, adapter: ModelAdapter, final_hidden: list[tor
     return acc.hessian
 
 
-def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, clip_search: bool,
-              rows: int = HEAD_GPTQ_ROWS) -> QuantizedTensor:
-    """GPTQ of a tall matrix in blocks of ``rows`` output rows (rows are independent under one Hessian), so the
-    working copies stay small next to a 49k-row LM head."""
-    parts = [gptq_quantize(block.float(), hessian, spec, clip_search=clip_search) for block in weight.split(rows)]
-    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
-    return QuantizedTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, spec)
-
-
 def quantize_vocab(model: nn.Module, adapter: ModelAdapter, opts: CalibrationOptions,
                    final_hidden: list[torch.Tensor] | None = None) -> dict[str, QuantizedTensor]:
     """Quantize the embedding and LM head in place as ``opts`` says; returns ``{module path: codes}``.
@@ -66,7 +55,7 @@ def quantize_vocab(model: nn.Module, adapter: ModelAdapter, opts: CalibrationOpt
         spec = QuantSpec(bits=bits, symmetric=True, group_size=args.group_for(bits))
         if path == args.head_module and final_hidden and opts.weight_quantizer == "gptq":
             qt = gptq_rows(weight.detach(), head_hessian(model, adapter, final_hidden), spec,
-                           clip_search=opts.clip_search)
+                           clip_search=opts.clip_search)  # 8,192 rows at a time: small working copies
         else:
             qt = quantize_weight_rtn(weight.detach().float(), spec, clip_search=opts.clip_search)
         with torch.no_grad():

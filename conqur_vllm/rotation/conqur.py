@@ -111,7 +111,8 @@ class CornerSite:
                 c = c * weights[:, None].to(c.dtype)
             batch_moment = (u.T @ c).to(torch.float64)
             if extra_u is not None and extra_scale > 0:
-                batch_moment = batch_moment + extra_scale / extra_u.shape[0] * corner_moment(extra_u, r, target=self.extra_target)
+                extra = corner_moment(extra_u, r, target=self.extra_target)
+                batch_moment = batch_moment + extra_scale / extra_u.shape[0] * extra
             r = procrustes(self._combined(batch_moment))
             z = u @ r.to(u.dtype)
         self.moment = self._combined(batch_moment)
