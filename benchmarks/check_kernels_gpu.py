@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -114,8 +115,16 @@ def check_quant(m: int, k: int) -> None:
             s_rel = float(((s - ref_s).abs() / ref_s).max())
             ok = (s_rel < 1e-6 and bool((diff <= _near_tie(y, ref_s)).all())
                   and int((q.int() - ref_q.int()).abs().max()) <= 1)
+        detail = []
+        if not ok:  # what the mismatching codes looked like: rotation, scale and y / scale of each
+            yk = triton_quant.hadamard_transform(x.float(), block)
+            for r, c in diff.nonzero()[:4].tolist():
+                detail.append({"row": r, "col": c, "q": int(q[r, c]), "ref_q": int(ref_q[r, c]),
+                               "y_ref": float(y[r, c]), "y_kernel": float(yk[r, c]),
+                               "scale": float(s[r, 0]), "ref_scale": float(ref_s[r, 0]),
+                               "v": float(y[r, c].double() / ref_s[r, 0].double())})
         record("hadamard_quantize", ok, M=m, K=k, block=block, dense_m=plan.m,
-               code_mismatches=int(diff.sum()))
+               code_mismatches=int(diff.sum()), detail=detail)
         yk = torch.full_like(x, float("nan"))
         yk.copy_(triton_quant.hadamard_transform(x, block))
         yr = fast_hadamard_transform(x, block)
@@ -126,7 +135,8 @@ def check_quant(m: int, k: int) -> None:
     s = torch.full((m, 1), float("nan"), device="cuda")
     triton_quant.quantize_per_token(x, 8, 1.0, out=(q, s))
     ref_q, ref_s = reference_fn(reference.quantize_per_token)(x, 8, 1.0)
-    record("quantize_per_token", torch.equal(q, ref_q) and torch.equal(s, ref_s), M=m, K=k)
+    record("quantize_per_token", torch.equal(q, ref_q) and torch.equal(s, ref_s), M=m, K=k,
+           code_mismatches=int((q != ref_q).sum()), scale_mismatches=int((s != ref_s).sum()))
 
 
 def check_dispatch() -> None:
@@ -139,11 +149,21 @@ def check_dispatch() -> None:
     via_op = torch.ops.conqur.int4_scaled_mm(a, a_s, pack_int4(w), w_s, None, torch.bfloat16)
     via_int8 = torch.ops.conqur.int_scaled_mm(a, a_s, w, w_s, None, torch.bfloat16)
     record("dispatch_int4_scaled_mm", torch.equal(direct, via_op) and torch.equal(direct, via_int8))
+    workspace = triton_gemm._WORKSPACE.get(torch.device("cuda", torch.cuda.current_device()))
+    record("split_k_workspace_left_zeroed", workspace is not None and not bool(workspace.any()))
     x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
     fused = torch.ops.conqur.hadamard_quantize_per_token(x, 0, 4, 0.9)
     record("dispatch_hadamard_quantize", all(torch.equal(u, v) for u, v in
                                              zip(fused, triton_quant.hadamard_quantize(x, None, 4, 0.9),
                                                  strict=True)))
+
+
+def guarded(check: Callable[..., None], *args: int) -> None:
+    """Run one check; an exception is recorded as a failure so the remaining checks still run."""
+    try:
+        check(*args)
+    except Exception as e:  # noqa: BLE001 - reported in the results, the script still exits 1
+        record(check.__name__, False, args=list(args), error=f"{type(e).__name__}: {e}"[:500])
 
 
 def main() -> None:
@@ -157,12 +177,12 @@ def main() -> None:
                          else (GEMM_SHAPES, M_VALUES, HADAMARD_SIZES))
     for n, k in shapes:
         for m in ms:
-            check_gemm(m, n, k)
+            guarded(check_gemm, m, n, k)
             torch.cuda.empty_cache()
     for k in sizes:
         for m in ms:
-            check_quant(m, k)
-    check_dispatch()
+            guarded(check_quant, m, k)
+    guarded(check_dispatch)
     torch.cuda.synchronize()
     failed = [r for r in RESULTS if not r["ok"]]
     if os.environ.get("OUT"):

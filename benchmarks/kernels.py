@@ -193,12 +193,16 @@ def quant_row(m: int, k: int, ceilings: dict[str, float]) -> dict[str, float]:
             "plan": asdict(triton_quant.row_plan(k, None))}
 
 
-SWEEP = {
-    "decode": [(16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 32, 512, 4, 3), (16, 128, 128, 4, 4),
-               (16, 64, 128, 4, 6)],
-    "mid": [(64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (32, 128, 128, 4, 4)],
-    "prefill": [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4),
-                (128, 256, 64, 8, 4)],
+SWEEP = {  # (block_m, block_n, block_k, warps, stages, group_m, split_k); split_k 0 = automatic
+    "decode": [(16, 32, 256, 4, 4, 8, 0), (16, 32, 256, 4, 4, 8, 1), (16, 32, 256, 4, 4, 8, 8),
+               (16, 64, 256, 4, 4, 8, 0), (16, 64, 256, 4, 4, 8, 8), (16, 64, 128, 4, 4, 8, 0),
+               (16, 128, 128, 4, 4, 8, 0), (16, 128, 256, 4, 3, 8, 0), (16, 32, 512, 4, 3, 8, 0),
+               (16, 64, 256, 2, 4, 8, 0)],
+    "mid": [(64, 64, 128, 4, 4, 8, 0), (64, 128, 128, 4, 4, 8, 0), (128, 64, 128, 4, 4, 8, 0),
+            (128, 128, 128, 4, 4, 8, 0), (64, 256, 128, 4, 3, 8, 0)],
+    "prefill": [(128, 128, 128, 8, 4, 8, 0), (128, 128, 128, 4, 4, 8, 0), (128, 256, 128, 8, 3, 8, 0),
+                (256, 128, 128, 8, 3, 8, 0), (128, 256, 64, 4, 4, 8, 0), (128, 128, 64, 4, 5, 8, 0),
+                (128, 256, 128, 4, 3, 8, 0)],
 }
 SWEEP_M = {"decode": [1, 16], "mid": [128], "prefill": [1024, 8192]}
 
@@ -256,6 +260,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two shapes and three M values")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile-config sweep")
+    parser.add_argument("--sweep-only", action="store_true", help="only the tile-config sweep")
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = parser.parse_args()
     require_cuda()
@@ -267,17 +272,18 @@ def main() -> None:
     ceilings = measure_ceilings()
     print(f"ceilings: {ceilings}", flush=True)
     gemm = []
-    for n, k in shapes:
+    for n, k in [] if args.sweep_only else shapes:
         for m in ms:
             gemm.append(gemm_row(m, n, k, ceilings))
-            print(f"gemm M={m} N={n} K={k}: {gemm[-1]['w4a4_us']:.1f} us", flush=True)
+            print("gemm", json.dumps(gemm[-1]), flush=True)
             torch.cuda.empty_cache()
     quant = []
-    for k in ([4096, 14336] if args.quick else HADAMARD_SIZES):
+    for k in [] if args.sweep_only else [4096, 14336] if args.quick else HADAMARD_SIZES:
         for m in ms:
             quant.append(quant_row(m, k, ceilings))
+            print("quant", json.dumps(quant[-1]), flush=True)
             torch.cuda.empty_cache()
-    sweep_rows = [] if args.no_sweep else sweep([(4096, 4096), (28672, 4096)], ceilings)
+    sweep_rows = [] if args.no_sweep else sweep([(4096, 4096), (28672, 4096), (4096, 14336)], ceilings)
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "triton": triton.__version__, "timing": "median of CUDA-graph replays, inputs past 2x L2",
               "ceilings": ceilings, "gemm": gemm, "quant": quant, "sweep": sweep_rows,
@@ -285,7 +291,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
+    md = markdown(result) if gemm else ""
     (out / "kernels.md").write_text(md)
     print(md)
 

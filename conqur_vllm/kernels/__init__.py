@@ -59,6 +59,10 @@ class PackedInt4Gemm:
         self.b_scale = b_scale.to(torch.float32)
         self.out_dtype = out_dtype
         self.name = "int4-triton" if b_q.is_cuda and cuda.TRITON_AVAILABLE else "int4-reference"
+        if self.name == "int4-triton":  # split-K accumulators for decode, allocated before any graph capture
+            from conqur_vllm.kernels import triton_gemm
+
+            triton_gemm.reserve_workspace(b_q.shape[0], b_q.device)
 
     def __call__(self, a_q: Tensor, a_scale: Tensor, bias: Tensor | None) -> Tensor:
         return torch.ops.conqur.int4_scaled_mm(a_q, a_scale, self.b_packed, self.b_scale, bias, self.out_dtype)

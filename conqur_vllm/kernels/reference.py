@@ -40,7 +40,8 @@ def quantize_per_token(
         raise ValueError(f"quantize_per_token expects a 2-D floating tensor, got {x.dtype} {tuple(x.shape)}")
     xf = x.to(torch.float32)
     amax = xf.abs().amax(dim=-1, keepdim=True) if absmax is None else absmax.to(torch.float32)
-    scale = clip_ratio * amax / qmax
+    # a tensor divisor: CUDA turns division by a Python scalar into a multiplication by its reciprocal
+    scale = clip_ratio * amax / torch.full_like(amax, qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(xf / scale).clamp_(-qmax - 1, qmax).to(torch.int8)
     return q, scale
@@ -69,7 +70,7 @@ def int_matmul(a_q: Tensor, b_q: Tensor) -> Tensor:
     m, k = a_q.shape
     n = b_q.shape[0]
     if a_q.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0:
-        return torch._int_mm(a_q, b_q.t())
+        return torch._int_mm(a_q.contiguous(), b_q.contiguous().t())
     acc = torch.zeros((m, n), dtype=torch.int32, device=a_q.device)
     step = _chunk_size(k)
     for start in range(0, k, step):

@@ -16,6 +16,7 @@ The K tile divides the group size, so no K tile straddles two groups; K must be 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 import triton
@@ -23,6 +24,12 @@ import triton.language as tl
 from torch import Tensor
 
 MIN_BLOCK_K = 32
+SPLIT_K_MAX_M = 16
+"""Calls with at most this many rows may split K across programs (decode: too few output tiles to fill the GPU)."""
+SPLIT_K_WAVES = 4
+"""Automatic splits aim at about this many programs per SM."""
+EPILOGUE_BLOCK_N = 256
+_WORKSPACE: dict[torch.device, Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -35,11 +42,13 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    split_k: int = 0
+    """K splits for per-channel calls of at most SPLIT_K_MAX_M rows; 0 picks them from the SM count."""
 
 
 DECODE = TileConfig(16, 32, 256, 4, 4)
 MID = TileConfig(64, 64, 128, 4, 4)
-PREFILL = TileConfig(128, 128, 128, 8, 4)
+PREFILL = TileConfig(128, 128, 128, 4, 4)
 
 
 def config_for(m: int) -> TileConfig:
@@ -60,27 +69,59 @@ def supports(k: int, groups: int = 1) -> bool:
 
 
 @triton.jit
+def _unpack_nibbles(packed, USE_ASM: tl.constexpr):
+    """Signed values of the low and high nibbles (stored as ``v + 8``) of int8 ``packed``.
+
+    With ``USE_ASM`` four bytes share one 32-bit register: ``((b & 0x0F0F0F0F) + 0x78787878) ^ 0x80808080``
+    maps every nibble ``n`` to the int8 ``n - 8`` without carries between bytes (7 instructions per 8 values).
+    Without it (the Triton interpreter) the same values come from int32 arithmetic.
+    """
+    if USE_ASM:
+        low, high = tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 t;
+            and.b32 t, $2, 0x0F0F0F0F;
+            add.u32 t, t, 0x78787878;
+            xor.b32 $0, t, 0x80808080;
+            shr.u32 t, $2, 4;
+            and.b32 t, t, 0x0F0F0F0F;
+            add.u32 t, t, 0x78787878;
+            xor.b32 $1, t, 0x80808080;
+            }
+            """,
+            constraints="=r,=r,r", args=[packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        wide = packed.to(tl.int32)
+        low = ((wide & 0xF) - 8).to(tl.int8)
+        high = (((wide >> 4) & 0xF) - 8).to(tl.int8)
+    return low, high
+
+
+@triton.jit
 def _load_b(b_ptr, offs_n, k0, N, stride_bn, stride_bk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            B_PACKED: tl.constexpr):
-    """The int8 ``[BLOCK_K, BLOCK_N]`` tile of Bᵀ at K offset ``k0``."""
+            B_PACKED: tl.constexpr, USE_ASM: tl.constexpr):
+    """The int8 ``[BLOCK_K, BLOCK_N]`` tile of Bᵀ at K offset ``k0`` (packed: B read as bytes ``[N, K/2]``)."""
     n_mask = offs_n[None, :] < N
     if B_PACKED:
-        words = (k0 // 8) + tl.arange(0, BLOCK_K // 8)
-        w = tl.load(b_ptr + offs_n[None, :] * stride_bn + words[:, None] * stride_bk, mask=n_mask, other=0)
-        shifts = (tl.arange(0, 8) * 4)[None, :, None]
-        nib = (w[:, None, :] >> shifts) & 0xF
-        return tl.reshape((nib - 8).to(tl.int8), (BLOCK_K, BLOCK_N))
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk, mask=n_mask, other=0)
+        byte = (k0 // 2) + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(b_ptr + offs_n[None, :] * stride_bn + byte[:, None] * stride_bk, mask=n_mask, other=0)
+        low, high = _unpack_nibbles(packed, USE_ASM)  # values k = 2j and 2j + 1 of byte j
+        tile = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        tile = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk, mask=n_mask, other=0)
+    return tile
 
 
 @triton.jit
 def _int_gemm_kernel(
-    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
-    M, N, K, group_size,
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, acc_ptr,
+    M, N, K, group_size, k_split,
     stride_am, stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsg, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_ACC: tl.constexpr, GROUPED: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -97,14 +138,17 @@ def _int_gemm_kernel(
     n_mask = offs_n < N
     offs_m64 = offs_m.to(tl.int64)
     offs_n64 = offs_n.to(tl.int64)
+    c_mask = m_mask[:, None] & n_mask[None, :]
 
+    k_lo = tl.program_id(1) * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
     out = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=m_mask[:, None], other=0)
-        b = _load_b(b_ptr, offs_n64, k0, N, stride_bn, stride_bk, BLOCK_N, BLOCK_K, B_PACKED)
+        b = _load_b(b_ptr, offs_n64, k0, N, stride_bn, stride_bk, BLOCK_N, BLOCK_K, B_PACKED, USE_ASM)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         if GROUPED:
             if (k0 + BLOCK_K) % group_size == 0:  # last tile of a group: scale it into the float sum
@@ -112,19 +156,47 @@ def _int_gemm_kernel(
                              mask=n_mask, other=0.0)
                 out += acc.to(tl.float32) * ws[None, :]
                 acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)
-    if not GROUPED and not RAW_ACC:
-        ws = tl.load(b_scale_ptr + offs_n64 * stride_bsn, mask=n_mask, other=0.0)
-        out += acc.to(tl.float32) * ws[None, :]
 
-    c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
-    c_mask = m_mask[:, None] & n_mask[None, :]
-    if RAW_ACC:
-        tl.store(c_ptrs, acc, mask=c_mask)
+    if SPLIT_K > 1:  # exact int32 partial sums; _split_k_epilogue_kernel finishes (per-channel scales only)
+        tl.atomic_add(acc_ptr + offs_m64[:, None] * N + offs_n64[None, :], acc, mask=c_mask, sem="relaxed")
     else:
-        out = out * tl.load(a_scale_ptr + offs_m64, mask=m_mask, other=0.0)[:, None]
+        c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+        if RAW_ACC:
+            tl.store(c_ptrs, acc, mask=c_mask)
+        else:
+            if not GROUPED:
+                ws = tl.load(b_scale_ptr + offs_n64 * stride_bsn, mask=n_mask, other=0.0)
+                out += acc.to(tl.float32) * ws[None, :]
+            out = out * tl.load(a_scale_ptr + offs_m64, mask=m_mask, other=0.0)[:, None]
+            if HAS_BIAS:
+                out = out + tl.load(bias_ptr + offs_n64, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _split_k_epilogue_kernel(
+    acc_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, stride_bsn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_ACC: tl.constexpr,
+):
+    """Scale the summed int32 accumulators like the unsplit kernel, and zero them for the next call."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    mask = m_mask[:, None] & n_mask[None, :]
+    acc_ptrs = acc_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    acc = tl.load(acc_ptrs, mask=mask, other=0)
+    tl.store(acc_ptrs, tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32), mask=mask)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    if RAW_ACC:
+        tl.store(c_ptrs, acc, mask=mask)
+    else:
+        ws = tl.load(b_scale_ptr + offs_n * stride_bsn, mask=n_mask, other=0.0)
+        out = acc.to(tl.float32) * ws[None, :]
+        out = out * tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
         if HAS_BIAS:
-            out = out + tl.load(bias_ptr + offs_n64, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+            out = out + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(a_q: Tensor, b: Tensor, packed: bool) -> tuple[int, int, int]:
@@ -138,6 +210,51 @@ def _check(a_q: Tensor, b: Tensor, packed: bool) -> tuple[int, int, int]:
         raise ValueError(f"weights must be {want} [N, {cols}] for K={k} ({kind}), "
                          f"got {b.dtype} {tuple(b.shape)}")
     return m, b.shape[0], k
+
+
+def _interpreting() -> bool:
+    """Whether the kernels were decorated under ``TRITON_INTERPRET=1`` (no inline PTX there)."""
+    return type(_int_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+def reserve_workspace(n: int, device: torch.device) -> Tensor:
+    """The zeroed int32 split-K accumulators of ``device``, grown to ``SPLIT_K_MAX_M x n`` if smaller.
+
+    One buffer per device, shared by all layers (calls run in stream order and each leaves it zeroed). Call it
+    when weights load, before CUDA-graph capture, so no call allocates.
+    """
+    device = torch.device(device)
+    need = SPLIT_K_MAX_M * max(n, 1)
+    ws = _WORKSPACE.get(device)
+    if ws is None or ws.numel() < need:
+        ws = torch.zeros(need, dtype=torch.int32, device=device)
+        _WORKSPACE[device] = ws
+    return ws
+
+
+@lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def split_k_for(m: int, n: int, k: int, cfg: TileConfig, groups: int, device: torch.device) -> int:
+    """K splits of one call: ``cfg.split_k`` when set, else enough to give every SM ~SPLIT_K_WAVES programs.
+
+    Only per-channel scales (``groups == 1``) and at most ``SPLIT_K_MAX_M`` rows split (the partial sums are
+    exact int32 additions, so the result does not depend on the split).
+    """
+    if groups != 1 or m > SPLIT_K_MAX_M:
+        return 1
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, k // cfg.block_k))
+    if device.type != "cuda":
+        return 1
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = 1
+    while (split * 2 * tiles <= SPLIT_K_WAVES * _multiprocessors(device)
+           and k // (split * 2) >= 2 * cfg.block_k):
+        split *= 2
+    return split
 
 
 def _run(
@@ -155,16 +272,29 @@ def _run(
     raw = a_scale is None
     a_s = out if raw else a_scale.reshape(m).to(torch.float32).contiguous()
     b_s = out if raw else b_scale.to(torch.float32)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _int_gemm_kernel[grid](
-        a_q, b, a_s, b_s, bias if bias is not None else out, out,
-        m, n, k, gs,
+    bias_arg = bias if bias is not None else out
+    if packed:
+        b = b.contiguous().view(torch.int8)  # [N, K/2] bytes: values 2j (low nibble) and 2j + 1 of byte j
+    split = split_k_for(m, n, k, cfg, groups, a_q.device)
+    k_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
+    acc = reserve_workspace(n, a_q.device) if split > 1 else out
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    _int_gemm_kernel[(tiles, triton.cdiv(k, k_split))](
+        a_q, b, a_s, b_s, bias_arg, out, acc,
+        m, n, k, gs, k_split,
         a_q.stride(0), a_q.stride(1), b.stride(0), b.stride(1),
         b_s.stride(0) if not raw else 0, b_s.stride(1) if not raw else 0, out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         B_PACKED=packed, HAS_BIAS=bias is not None, RAW_ACC=raw, GROUPED=groups > 1,
+        SPLIT_K=split, USE_ASM=not _interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if split > 1:
+        block_m = triton.next_power_of_2(max(m, 1))
+        _split_k_epilogue_kernel[(triton.cdiv(n, EPILOGUE_BLOCK_N), triton.cdiv(m, block_m))](
+            acc, a_s, b_s, bias_arg, out, m, n, b_s.stride(0) if not raw else 0, out.stride(0), out.stride(1),
+            BLOCK_M=block_m, BLOCK_N=EPILOGUE_BLOCK_N, HAS_BIAS=bias is not None, RAW_ACC=raw,
+        )
     return out
 
 
