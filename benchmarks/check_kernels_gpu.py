@@ -125,6 +125,14 @@ def check_quant(m: int, k: int) -> None:
                                "v": float(y[r, c].double() / ref_s[r, 0].double())})
         record("hadamard_quantize", ok, M=m, K=k, block=block, dense_m=plan.m,
                code_mismatches=int(diff.sum()), detail=detail)
+        if plan.m > 1:  # the other dense precision meets the same criterion
+            q2 = torch.full((m, k), 127, dtype=torch.int8, device="cuda")
+            s2 = torch.full((m, 1), float("nan"), device="cuda")
+            triton_quant.hadamard_quantize(x, block, 4, 0.9, out=(q2, s2), precision="tf32x3")
+            diff2 = q2 != ref_q
+            ok2 = (float(((s2 - ref_s).abs() / ref_s).max()) < 1e-6 and bool((diff2 <= _near_tie(y, ref_s)).all())
+                   and int((q2.int() - ref_q.int()).abs().max()) <= 1)
+            record("hadamard_quantize_tf32x3", ok2, M=m, K=k, block=block, code_mismatches=int(diff2.sum()))
         yk = torch.full_like(x, float("nan"))
         yk.copy_(triton_quant.hadamard_transform(x, block))
         yr = fast_hadamard_transform(x, block)
@@ -149,8 +157,13 @@ def check_dispatch() -> None:
     via_op = torch.ops.conqur.int4_scaled_mm(a, a_s, pack_int4(w), w_s, None, torch.bfloat16)
     via_int8 = torch.ops.conqur.int_scaled_mm(a, a_s, w, w_s, None, torch.bfloat16)
     record("dispatch_int4_scaled_mm", torch.equal(direct, via_op) and torch.equal(direct, via_int8))
-    workspace = triton_gemm._WORKSPACE.get(torch.device("cuda", torch.cuda.current_device()))
-    record("split_k_workspace_left_zeroed", workspace is not None and not bool(workspace.any()))
+    a1 = torch.randint(-8, 8, (3, 4096), dtype=torch.int8, device="cuda")
+    w1 = torch.randint(-8, 8, (512, 4096), dtype=torch.int8, device="cuda")
+    for split in (1, 2, 4, 16):  # every split gives the same exact accumulators
+        cfg = triton_gemm.TileConfig(16, 32, 128, 4, 4, split_k=split)
+        got = triton_gemm.int_mm(a1, pack_int4(w1), config=cfg)
+        record("split_k_exact", torch.equal(got, exact_int_mm(a1, w1)), split=split,
+               used=triton_gemm.split_k_for(3, 512, 4096, cfg, 1, a1.device))
     x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
     fused = torch.ops.conqur.hadamard_quantize_per_token(x, 0, 4, 0.9)
     record("dispatch_hadamard_quantize", all(torch.equal(u, v) for u, v in

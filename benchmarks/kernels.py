@@ -187,14 +187,23 @@ def quant_row(m: int, k: int, ceilings: dict[str, float]) -> dict[str, float]:
     unfused_ms = bench([lambda x=x: torch_hadamard_quantize(x, 4, 0.9) for x in xs[:2]])
     nbytes = m * k * 3 + 4 * m
     bw = nbytes / (fused_ms * 1e-3)
-    return {"M": m, "K": k, "fused_us": fused_ms * 1e3, "unfused_torch_us": unfused_ms * 1e3,
+    extra = {}
+    if triton_quant.row_plan(k, None).m > 1:  # the dense factor's other tl.dot precision
+        other = next(p for p in triton_quant.PRECISIONS if p != triton_quant.DENSE_PRECISION)
+        q2, s2 = triton_quant.hadamard_quantize(xs[0], None, 4, 0.9, precision=other)
+        extra = {"other_precision": other, "other_us": bench(
+            [lambda x=x: triton_quant.hadamard_quantize(x, None, 4, 0.9, precision=other) for x in xs]) * 1e3,
+                 "other_code_mismatches": int((q2 != ref_q).sum()), "other_scales_equal": bool(torch.equal(s2, ref_s))}
+    return {**extra, "M": m, "K": k, "fused_us": fused_ms * 1e3, "unfused_torch_us": unfused_ms * 1e3,
             "gb_per_s": bw / 1e9, "hbm_fraction": bw / ceilings["hbm_bytes_per_s"],
             "code_mismatches": mismatch, "scales_equal": bool(torch.equal(s, ref_s)),
             "plan": asdict(triton_quant.row_plan(k, None))}
 
 
 SWEEP = {  # (block_m, block_n, block_k, warps, stages, group_m, split_k); split_k 0 = automatic
-    "decode": [(16, 32, 256, 4, 4, 8, 0), (16, 32, 256, 4, 4, 8, 1), (16, 32, 256, 4, 4, 8, 8),
+    "decode": [(16, 32, 256, 4, 4, 8, 0), (16, 32, 256, 4, 4, 8, 1), (16, 32, 256, 4, 4, 8, 2),
+               (16, 16, 256, 4, 4, 8, 0), (16, 16, 256, 2, 4, 8, 0), (16, 32, 256, 4, 6, 8, 0),
+               (16, 32, 128, 4, 8, 8, 0), (16, 16, 512, 4, 3, 8, 0), (16, 32, 256, 4, 4, 8, 8),
                (16, 64, 256, 4, 4, 8, 0), (16, 64, 256, 4, 4, 8, 8), (16, 64, 128, 4, 4, 8, 0),
                (16, 128, 128, 4, 4, 8, 0), (16, 128, 256, 4, 3, 8, 0), (16, 32, 512, 4, 3, 8, 0),
                (16, 64, 256, 2, 4, 8, 0)],

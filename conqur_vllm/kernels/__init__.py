@@ -62,7 +62,8 @@ class PackedInt4Gemm:
         if self.name == "int4-triton":  # split-K accumulators for decode, allocated before any graph capture
             from conqur_vllm.kernels import triton_gemm
 
-            triton_gemm.reserve_workspace(b_q.shape[0], b_q.device)
+            n, k = b_q.shape
+            triton_gemm.reserve_workspace(triton_gemm.workspace_size(n, k, b_q.device), b_q.device)
 
     def __call__(self, a_q: Tensor, a_scale: Tensor, bias: Tensor | None) -> Tensor:
         return torch.ops.conqur.int4_scaled_mm(a_q, a_scale, self.b_packed, self.b_scale, bias, self.out_dtype)

@@ -28,6 +28,8 @@ SPLIT_K_MAX_M = 16
 """Calls with at most this many rows may split K across programs (decode: too few output tiles to fill the GPU)."""
 SPLIT_K_WAVES = 4
 """Automatic splits aim at about this many programs per SM."""
+SPLIT_K_MIN_TILES = 12
+"""... and keep at least this many K tiles per split (H100: K = 4096 ran faster unsplit, K = 14336 split 4)."""
 EPILOGUE_BLOCK_N = 256
 _WORKSPACE: dict[torch.device, Tensor] = {}
 
@@ -157,8 +159,9 @@ def _int_gemm_kernel(
                 out += acc.to(tl.float32) * ws[None, :]
                 acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)
 
-    if SPLIT_K > 1:  # exact int32 partial sums; _split_k_epilogue_kernel finishes (per-channel scales only)
-        tl.atomic_add(acc_ptr + offs_m64[:, None] * N + offs_n64[None, :], acc, mask=c_mask, sem="relaxed")
+    if SPLIT_K > 1:  # this split's int32 partial sums; _split_k_epilogue_kernel adds them up in order
+        part = acc_ptr + tl.program_id(1).to(tl.int64) * M * N
+        tl.store(part + offs_m64[:, None] * N + offs_n64[None, :], acc, mask=c_mask)
     else:
         c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
         if RAW_ACC:
@@ -175,18 +178,19 @@ def _int_gemm_kernel(
 
 @triton.jit
 def _split_k_epilogue_kernel(
-    acc_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, stride_bsn, stride_cm, stride_cn,
+    acc_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, splits, stride_bsn, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_ACC: tl.constexpr,
 ):
-    """Scale the summed int32 accumulators like the unsplit kernel, and zero them for the next call."""
+    """Sum the splits' int32 partials (exact) and finish like the unsplit kernel's epilogue."""
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_mask = offs_m < M
     n_mask = offs_n < N
     mask = m_mask[:, None] & n_mask[None, :]
     acc_ptrs = acc_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    acc = tl.load(acc_ptrs, mask=mask, other=0)
-    tl.store(acc_ptrs, tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32), mask=mask)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)
+    for split in range(splits):
+        acc += tl.load(acc_ptrs + split * M * N, mask=mask, other=0)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     if RAW_ACC:
         tl.store(c_ptrs, acc, mask=mask)
@@ -217,19 +221,24 @@ def _interpreting() -> bool:
     return type(_int_gemm_kernel).__name__ == "InterpretedFunction"
 
 
-def reserve_workspace(n: int, device: torch.device) -> Tensor:
-    """The zeroed int32 split-K accumulators of ``device``, grown to ``SPLIT_K_MAX_M x n`` if smaller.
+def reserve_workspace(numel: int, device: torch.device) -> Tensor:
+    """The int32 split-K buffer of ``device`` (one per device, shared by all layers), grown to ``numel``.
 
-    One buffer per device, shared by all layers (calls run in stream order and each leaves it zeroed). Call it
-    when weights load, before CUDA-graph capture, so no call allocates.
+    The plugin reserves it when weights load (:func:`workspace_size`), before any CUDA-graph capture, so no
+    call allocates; calls run in stream order and each overwrites what it reads.
     """
     device = torch.device(device)
-    need = SPLIT_K_MAX_M * max(n, 1)
     ws = _WORKSPACE.get(device)
-    if ws is None or ws.numel() < need:
-        ws = torch.zeros(need, dtype=torch.int32, device=device)
+    if ws is None or ws.numel() < numel:
+        ws = torch.empty(max(numel, 1), dtype=torch.int32, device=device)
         _WORKSPACE[device] = ws
     return ws
+
+
+def workspace_size(n: int, k: int, device: torch.device) -> int:
+    """int32 elements the automatic split-K needs for an ``[n, k]`` weight at up to ``SPLIT_K_MAX_M`` rows."""
+    split = split_k_for(SPLIT_K_MAX_M, n, k, DECODE, 1, torch.device(device))
+    return split * SPLIT_K_MAX_M * n if split > 1 else 0
 
 
 @lru_cache(maxsize=8)
@@ -240,8 +249,9 @@ def _multiprocessors(device: torch.device) -> int:
 def split_k_for(m: int, n: int, k: int, cfg: TileConfig, groups: int, device: torch.device) -> int:
     """K splits of one call: ``cfg.split_k`` when set, else enough to give every SM ~SPLIT_K_WAVES programs.
 
-    Only per-channel scales (``groups == 1``) and at most ``SPLIT_K_MAX_M`` rows split (the partial sums are
-    exact int32 additions, so the result does not depend on the split).
+    Only per-channel scales (``groups == 1``) and at most ``SPLIT_K_MAX_M`` rows split. The splits' int32
+    partial sums go to a workspace and one more kernel adds them (exact, no atomics: the result is the same
+    for every split).
     """
     if groups != 1 or m > SPLIT_K_MAX_M:
         return 1
@@ -252,7 +262,7 @@ def split_k_for(m: int, n: int, k: int, cfg: TileConfig, groups: int, device: to
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split = 1
     while (split * 2 * tiles <= SPLIT_K_WAVES * _multiprocessors(device)
-           and k // (split * 2) >= 2 * cfg.block_k):
+           and k // (split * 2) >= SPLIT_K_MIN_TILES * cfg.block_k):
         split *= 2
     return split
 
@@ -277,9 +287,10 @@ def _run(
         b = b.contiguous().view(torch.int8)  # [N, K/2] bytes: values 2j (low nibble) and 2j + 1 of byte j
     split = split_k_for(m, n, k, cfg, groups, a_q.device)
     k_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
-    acc = reserve_workspace(n, a_q.device) if split > 1 else out
+    splits = triton.cdiv(k, k_split)
+    acc = reserve_workspace(splits * m * n, a_q.device) if split > 1 else out
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    _int_gemm_kernel[(tiles, triton.cdiv(k, k_split))](
+    _int_gemm_kernel[(tiles, splits)](
         a_q, b, a_s, b_s, bias_arg, out, acc,
         m, n, k, gs, k_split,
         a_q.stride(0), a_q.stride(1), b.stride(0), b.stride(1),
@@ -292,7 +303,8 @@ def _run(
     if split > 1:
         block_m = triton.next_power_of_2(max(m, 1))
         _split_k_epilogue_kernel[(triton.cdiv(n, EPILOGUE_BLOCK_N), triton.cdiv(m, block_m))](
-            acc, a_s, b_s, bias_arg, out, m, n, b_s.stride(0) if not raw else 0, out.stride(0), out.stride(1),
+            acc, a_s, b_s, bias_arg, out, m, n, splits, b_s.stride(0) if not raw else 0, out.stride(0),
+            out.stride(1),
             BLOCK_M=block_m, BLOCK_N=EPILOGUE_BLOCK_N, HAS_BIAS=bias is not None, RAW_ACC=raw,
         )
     return out

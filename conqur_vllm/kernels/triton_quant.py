@@ -7,7 +7,7 @@ from :func:`conqur_vllm.hadamard.hadamard_factors` (1, 12, 20, 28, ...). Padded 
 - ``H_p``: in-register Walsh–Hadamard butterflies in constant geometry (``y[i] = x[2i] + x[2i+1]``,
   ``y[i + p/2] = x[2i] - x[2i+1]``, ``log2 p`` times). Every stage adds and subtracts the same float32 values
   as :func:`~conqur_vllm.hadamard.fast_hadamard_transform`, so for ``m == 1`` the rotation is bit-identical.
-- ``H_m`` (``m > 1``): a dense float32 ``tl.dot`` (``input_precision="ieee"``) of the ±1 matrix ``H_mᵀ``
+- ``H_m`` (``m > 1``): a dense float32 ``tl.dot`` (precision :data:`DENSE_PRECISION`) of the ±1 matrix ``H_mᵀ``
   (zero-padded to a power of two) with the ``[m, p]`` tile; needs ``p >= 16`` and ``m <= MAX_DENSE``. Its
   summation order differs from the reference matmul, so values may differ by float32 rounding.
 - then ``* 1/sqrt(block)``, the row absmax, ``scale = clip * absmax / qmax`` and
@@ -36,6 +36,10 @@ MAX_DENSE = 64
 """Largest dense Hadamard factor m applied in-kernel."""
 MAX_TILE = 32768
 """Largest padded row tile (elements) one program holds."""
+DENSE_PRECISION = "ieee"
+"""``tl.dot`` input precision of the dense ``H_m`` factor: ``ieee`` (float32 FMAs) or ``tf32x3`` (three TF32
+tensor-core products: ``H_m`` is exact in TF32 and the rotated rows keep about 22 bits)."""
+PRECISIONS = ("ieee", "tf32x3")
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ def _hadamard_quant_kernel(
     n_groups, m_size, p_size, inv_sqrt, clip_ratio, qmax,
     G: tl.constexpr, MP: tl.constexpr, P: tl.constexpr, LOG2_P: tl.constexpr,
     ROTATE: tl.constexpr, DENSE: tl.constexpr, QUANTIZE: tl.constexpr, HAS_ABSMAX: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G)[:, None, None]
@@ -142,9 +147,9 @@ def _hadamard_quant_kernel(
             hr = tl.arange(0, MP)
             ht = tl.load(ht_ptr + hr[:, None] * MP + hr[None, :])
             if G == 1:
-                y = tl.reshape(tl.dot(ht, tl.reshape(y, (MP, P)), input_precision="ieee"), (1, MP, P))
+                y = tl.reshape(tl.dot(ht, tl.reshape(y, (MP, P)), input_precision=PRECISION), (1, MP, P))
             else:
-                y = tl.dot(tl.broadcast_to(ht[None, :, :], (G, MP, MP)), y, input_precision="ieee")
+                y = tl.dot(tl.broadcast_to(ht[None, :, :], (G, MP, MP)), y, input_precision=PRECISION)
         y = y * inv_sqrt
     if QUANTIZE:
         if HAS_ABSMAX:
@@ -152,9 +157,9 @@ def _hadamard_quant_kernel(
         else:
             amax = tl.reduce(tl.abs(y), 2, _max_combine)
             amax = tl.reduce(tl.reduce(amax, 1, _max_combine), 0, _max_combine)
-        scale = tl.fdiv(amax * clip_ratio, qmax, ieee_rounding=True)
+        scale = tl.div_rn(amax * clip_ratio, qmax)
         scale = tl.where(scale > 0.0, scale, 1.0)
-        v = tl.fdiv(y, scale, ieee_rounding=True)
+        v = tl.div_rn(y, scale)
         v = tl.minimum(tl.maximum(v, -qmax - 1.0), qmax)
         tl.store(q_ptr + row * stride_qm + offs, _round_half_even(v).to(tl.int8), mask=mask)
         tl.store(scale_ptr + row, scale)
@@ -164,8 +169,11 @@ def _hadamard_quant_kernel(
 
 def _launch(
     x: Tensor, plan: RowPlan, *, bits: int = 4, clip_ratio: float = 1.0, absmax: Tensor | None = None,
-    quantize: bool = True, out: tuple[Tensor, Tensor] | None = None,
+    quantize: bool = True, out: tuple[Tensor, Tensor] | None = None, precision: str | None = None,
 ) -> tuple[Tensor, Tensor] | Tensor:
+    precision = precision or DENSE_PRECISION
+    if precision not in PRECISIONS:
+        raise ValueError(f"dense Hadamard precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     rows = x.shape[0]
     dense = plan.rotate and plan.m > 1
     ht = _dense_ht(plan.m, plan.m_pad, x.device) if dense else x
@@ -191,7 +199,7 @@ def _launch(
             float((1 << (bits - 1)) - 1),
             G=plan.g_pad, MP=plan.m_pad, P=plan.p_pad, LOG2_P=plan.log2_p,
             ROTATE=plan.rotate, DENSE=dense, QUANTIZE=quantize, HAS_ABSMAX=absmax is not None,
-            num_warps=_num_warps(plan.tile),
+            PRECISION=precision, num_warps=_num_warps(plan.tile),
         )
     return (q, scale) if quantize else y
 
@@ -212,14 +220,16 @@ def _plan_or_raise(n: int, block: int | None, rotate: bool) -> RowPlan:
 
 def hadamard_quantize(
     x: Tensor, block: int | None = None, bits: int = 4, clip_ratio: float = 1.0,
-    out: tuple[Tensor, Tensor] | None = None,
+    out: tuple[Tensor, Tensor] | None = None, precision: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """int8 codes ``[M, K]`` and float32 scales ``[M, 1]`` of ``fast_hadamard_transform(x.float(), block)``.
 
-    ``out`` (codes, scales) receives the result instead of new tensors.
+    ``out`` (codes, scales) receives the result instead of new tensors; ``precision`` overrides
+    :data:`DENSE_PRECISION`.
     """
     x = _rows(x)
-    return _launch(x, _plan_or_raise(x.shape[1], block, True), bits=bits, clip_ratio=clip_ratio, out=out)
+    return _launch(x, _plan_or_raise(x.shape[1], block, True), bits=bits, clip_ratio=clip_ratio, out=out,
+                   precision=precision)
 
 
 def quantize_per_token(
@@ -232,10 +242,10 @@ def quantize_per_token(
                    absmax=absmax, out=out)
 
 
-def hadamard_transform(x: Tensor, block: int | None = None) -> Tensor:
+def hadamard_transform(x: Tensor, block: int | None = None, precision: str | None = None) -> Tensor:
     """``fast_hadamard_transform(x, block)`` over the last dim (float32 arithmetic, x's dtype out)."""
     if not x.is_floating_point() or x.dim() == 0:
         raise ValueError(f"expected a floating tensor with at least one dim, got {x.dtype} {tuple(x.shape)}")
     n = x.shape[-1]
     rows = _rows(x.reshape(-1, n))
-    return _launch(rows, _plan_or_raise(n, block, True), quantize=False).reshape(x.shape)
+    return _launch(rows, _plan_or_raise(n, block, True), quantize=False, precision=precision).reshape(x.shape)
