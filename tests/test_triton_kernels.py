@@ -118,13 +118,14 @@ def test_plain_quantize_matches_reference_with_and_without_absmax(m, k, bits):
     assert torch.equal(scale, ref_scale) and torch.equal(q, ref_q)
 
 
+@pytest.mark.parametrize("precision", tq.PRECISIONS)
 @pytest.mark.parametrize(("m", "k", "block"), [(4, 192, None), (3, 384, 192)])
-def test_dense_factor_matches_float64_up_to_ties(m, k, block):
+def test_dense_factor_matches_float64_up_to_ties(m, k, block, precision):
     x = _activations(m, k, seed=k)
     plan = tq.row_plan(k, block)
     assert plan.m == 12 and plan.m_pad == 16
     y64 = fast_hadamard_transform(x.double(), block)
-    q, scale = tq.hadamard_quantize(x, block, 4, 0.9)
+    q, scale = tq.hadamard_quantize(x, block, 4, 0.9, precision=precision)
     scale64 = 0.9 * y64.abs().amax(dim=1, keepdim=True) / 7
     assert torch.allclose(scale.double(), scale64, rtol=1e-6, atol=0)
     v64 = (y64 / scale64).clamp(-8, 7)
@@ -132,8 +133,10 @@ def test_dense_factor_matches_float64_up_to_ties(m, k, block):
     near_tie = ((v64 - v64.floor()) - 0.5).abs() < 1e-4
     assert ((q != ref) <= near_tie).all()  # float32 vs float64 can only disagree at a rounding tie
     assert (q.to(torch.int32) - ref).abs().max() <= 1
-    y = tq.hadamard_transform(x, block)
+    y = tq.hadamard_transform(x, block, precision=precision)
     assert torch.allclose(y.double(), y64, rtol=0, atol=1e-5 * float(y64.abs().max()))
+    with pytest.raises(ValueError, match="precision 'tf32' is not one of ieee, tf32x3"):
+        tq.hadamard_quantize(x, block, precision="tf32")
 
 
 def test_hadamard_transform_kernel_is_the_butterfly():

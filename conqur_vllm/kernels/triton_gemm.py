@@ -2,15 +2,18 @@
 
 - A: int8 codes ``[M, K]`` (INT4-valued for W4A4, full int8 for W4A8), float32 per-token scales ``[M, 1]``.
 - B: either packed INT4 ``[N, K/8]`` int32 (compressed-tensors ``pack-quantized``: value ``v`` as nibble
-  ``v + 8``, value ``i`` of a word at bits ``4i``, words along K), unpacked in-kernel to int8; or int8
-  ``[N, K]``.
+  ``v + 8``, value ``i`` of a word at bits ``4i``, words along K), read as bytes ``[N, K/2]`` and unpacked
+  in-kernel to int8, four bytes per 32-bit register (:func:`_unpack_nibbles`); or int8 ``[N, K]``.
 - ``tl.dot`` int8 x int8 with int32 accumulation (INT8 tensor-core MMA), one int32 accumulator per K-group
   (``w_scale [N, G]``, G = 1 for per-channel scales); each group's sum is scaled into a float32 accumulator.
 - Epilogue in float32 in the reference op's order (``Σ_g acc_g * w_scale_g``, ``* a_scale``, ``+ bias``),
   cast to the output dtype (bf16 / fp16 / fp32). :func:`int_mm` stores the raw int32 accumulators instead.
 
-Tile configs are fixed per M bucket (no autotuning): decode (M <= 16), mid (M < 256), prefill (M >= 256).
-The K tile divides the group size, so no K tile straddles two groups; K must be a multiple of 32.
+Tile configs are fixed per M bucket (no autotuning; chosen from the H100 sweep of ``benchmarks/kernels.py``):
+decode (M <= 16), mid (M < 256), prefill (M >= 256). The K tile divides the group size, so no K tile straddles
+two groups; K must be a multiple of 32. Decode calls with per-channel scales and few output tiles split K over
+more programs (:func:`split_k_for`); their int32 partial sums meet in a workspace and a second kernel adds them
+in order and applies the epilogue, so the result is the same bits for every split.
 """
 
 from __future__ import annotations

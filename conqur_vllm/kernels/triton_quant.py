@@ -11,7 +11,8 @@ from :func:`conqur_vllm.hadamard.hadamard_factors` (1, 12, 20, 28, ...). Padded 
   (zero-padded to a power of two) with the ``[m, p]`` tile; needs ``p >= 16`` and ``m <= MAX_DENSE``. Its
   summation order differs from the reference matmul, so values may differ by float32 rounding.
 - then ``* 1/sqrt(block)``, the row absmax, ``scale = clip * absmax / qmax`` and
-  ``q = clamp(round_half_even(y / scale), -qmax-1, qmax)`` with IEEE divisions: the rule of
+  ``q = clamp(round_half_even(y / scale), -qmax-1, qmax)`` with correctly rounded divisions (on GPUs: one
+  reciprocal per row and two FMA residual corrections per value, checked bit-exact there): the rule of
   ``conqur::quantize_per_token`` applied to the float32 rotated row.
 
 Outputs: int8 codes ``[M, n]`` (one code per byte, not packed: the GEMM reads int8 activations) and float32
@@ -36,7 +37,7 @@ MAX_DENSE = 64
 """Largest dense Hadamard factor m applied in-kernel."""
 MAX_TILE = 32768
 """Largest padded row tile (elements) one program holds."""
-DENSE_PRECISION = "ieee"
+DENSE_PRECISION = "tf32x3"
 """``tl.dot`` input precision of the dense ``H_m`` factor: ``ieee`` (float32 FMAs) or ``tf32x3`` (three TF32
 tensor-core products: ``H_m`` is exact in TF32 and the rotated rows keep about 22 bits)."""
 PRECISIONS = ("ieee", "tf32x3")
@@ -132,7 +133,7 @@ def _hadamard_quant_kernel(
     n_groups, m_size, p_size, inv_sqrt, clip_ratio, qmax,
     G: tl.constexpr, MP: tl.constexpr, P: tl.constexpr, LOG2_P: tl.constexpr,
     ROTATE: tl.constexpr, DENSE: tl.constexpr, QUANTIZE: tl.constexpr, HAS_ABSMAX: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FMA_DIVIDE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G)[:, None, None]
@@ -159,12 +160,23 @@ def _hadamard_quant_kernel(
             amax = tl.reduce(tl.reduce(amax, 1, _max_combine), 0, _max_combine)
         scale = tl.div_rn(amax * clip_ratio, qmax)
         scale = tl.where(scale > 0.0, scale, 1.0)
-        v = tl.div_rn(y, scale)
+        if FMA_DIVIDE:  # y / scale correctly rounded: reciprocal once per row, two FMA residual corrections
+            r = tl.div_rn(1.0, scale)
+            v = y * r
+            v = tl.fma(tl.fma(-v, scale, y), r, v)
+            v = tl.fma(tl.fma(-v, scale, y), r, v)
+        else:
+            v = tl.div_rn(y, scale)
         v = tl.minimum(tl.maximum(v, -qmax - 1.0), qmax)
         tl.store(q_ptr + row * stride_qm + offs, _round_half_even(v).to(tl.int8), mask=mask)
         tl.store(scale_ptr + row, scale)
     else:
         tl.store(y_ptr + row * stride_ym + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreting() -> bool:
+    """Whether the kernel was decorated under ``TRITON_INTERPRET=1`` (plain ``div_rn`` divisions there)."""
+    return type(_hadamard_quant_kernel).__name__ == "InterpretedFunction"
 
 
 def _launch(
@@ -199,7 +211,7 @@ def _launch(
             float((1 << (bits - 1)) - 1),
             G=plan.g_pad, MP=plan.m_pad, P=plan.p_pad, LOG2_P=plan.log2_p,
             ROTATE=plan.rotate, DENSE=dense, QUANTIZE=quantize, HAS_ABSMAX=absmax is not None,
-            PRECISION=precision, num_warps=_num_warps(plan.tile),
+            PRECISION=precision, FMA_DIVIDE=not _interpreting(), num_warps=_num_warps(plan.tile),
         )
     return (q, scale) if quantize else y
 
