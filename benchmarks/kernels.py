@@ -235,6 +235,28 @@ def sweep(shapes: list[tuple[int, int]], ceilings: dict[str, float]) -> list[dic
     return rows
 
 
+def quant_sweep(ceilings: dict[str, float]) -> list[dict]:
+    """Fused Hadamard + INT4 quantization time per warps-per-row setting (M = 1024 and 8192)."""
+    from conqur_vllm.kernels import triton_quant
+
+    rows = []
+    for k in HADAMARD_SIZES:
+        for m in (1024, 8192):
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(m * k * 2))]
+            for warps in (2, 4, 8, 16, 32):
+                try:
+                    us = bench([lambda x=x: triton_quant.hadamard_quantize(x, None, 4, 0.9, num_warps=warps)
+                                for x in xs]) * 1e3
+                    row = {"M": m, "K": k, "warps": warps, "fused_us": us,
+                           "hbm_fraction": (m * k * 3 + 4 * m) / (us * 1e-6) / ceilings["hbm_bytes_per_s"]}
+                except Exception as e:  # noqa: BLE001 - a setting that fails to compile is reported, not fatal
+                    row = {"M": m, "K": k, "warps": warps, "error": f"{type(e).__name__}: {e}"[:200]}
+                rows.append(row)
+                print("quant_sweep", json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
 def _header(*cols: str) -> list[str]:
     return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
@@ -270,6 +292,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two shapes and three M values")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile-config sweep")
     parser.add_argument("--sweep-only", action="store_true", help="only the tile-config sweep")
+    parser.add_argument("--quant-sweep", action="store_true", help="also time warps per row of the fused quantizer")
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = parser.parse_args()
     require_cuda()
@@ -293,9 +316,10 @@ def main() -> None:
             print("quant", json.dumps(quant[-1]), flush=True)
             torch.cuda.empty_cache()
     sweep_rows = [] if args.no_sweep else sweep([(4096, 4096), (28672, 4096), (4096, 14336)], ceilings)
+    quant_sweep_rows = quant_sweep(ceilings) if args.quant_sweep else []
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "triton": triton.__version__, "timing": "median of CUDA-graph replays, inputs past 2x L2",
-              "ceilings": ceilings, "gemm": gemm, "quant": quant, "sweep": sweep_rows,
+              "ceilings": ceilings, "gemm": gemm, "quant": quant, "sweep": sweep_rows, "quant_sweep": quant_sweep_rows,
               "wall_s": time.time() - t0}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

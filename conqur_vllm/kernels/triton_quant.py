@@ -182,6 +182,7 @@ def _interpreting() -> bool:
 def _launch(
     x: Tensor, plan: RowPlan, *, bits: int = 4, clip_ratio: float = 1.0, absmax: Tensor | None = None,
     quantize: bool = True, out: tuple[Tensor, Tensor] | None = None, precision: str | None = None,
+    num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor] | Tensor:
     precision = precision or DENSE_PRECISION
     if precision not in PRECISIONS:
@@ -211,7 +212,7 @@ def _launch(
             float((1 << (bits - 1)) - 1),
             G=plan.g_pad, MP=plan.m_pad, P=plan.p_pad, LOG2_P=plan.log2_p,
             ROTATE=plan.rotate, DENSE=dense, QUANTIZE=quantize, HAS_ABSMAX=absmax is not None,
-            PRECISION=precision, FMA_DIVIDE=not _interpreting(), num_warps=_num_warps(plan.tile),
+            PRECISION=precision, FMA_DIVIDE=not _interpreting(), num_warps=num_warps or _num_warps(plan.tile),
         )
     return (q, scale) if quantize else y
 
@@ -232,16 +233,16 @@ def _plan_or_raise(n: int, block: int | None, rotate: bool) -> RowPlan:
 
 def hadamard_quantize(
     x: Tensor, block: int | None = None, bits: int = 4, clip_ratio: float = 1.0,
-    out: tuple[Tensor, Tensor] | None = None, precision: str | None = None,
+    out: tuple[Tensor, Tensor] | None = None, precision: str | None = None, num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """int8 codes ``[M, K]`` and float32 scales ``[M, 1]`` of ``fast_hadamard_transform(x.float(), block)``.
 
     ``out`` (codes, scales) receives the result instead of new tensors; ``precision`` overrides
-    :data:`DENSE_PRECISION`.
+    :data:`DENSE_PRECISION` and ``num_warps`` the warps per row (for tuning).
     """
     x = _rows(x)
     return _launch(x, _plan_or_raise(x.shape[1], block, True), bits=bits, clip_ratio=clip_ratio, out=out,
-                   precision=precision)
+                   precision=precision, num_warps=num_warps)
 
 
 def quantize_per_token(
