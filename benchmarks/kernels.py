@@ -11,7 +11,7 @@ Times are medians over CUDA-graph replays of many calls that cycle through enoug
 twice the L2 cache. Writes ``kernels.json`` and ``kernels.md`` to ``--out`` (default ``$OUT`` or
 ``benchmarks/results``) and prints the table last.
 
-    python benchmarks/kernels.py [--quick] [--no-sweep]
+    python benchmarks/kernels.py [--quick] [--no-sweep | --sweep-only] [--quant-sweep]
 """
 
 from __future__ import annotations
