@@ -245,7 +245,7 @@ def quant_sweep(ceilings: dict[str, float]) -> list[dict]:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(m * k * 2))]
             for warps in (2, 4, 8, 16, 32):
                 try:
-                    us = bench([lambda x=x: triton_quant.hadamard_quantize(x, None, 4, 0.9, num_warps=warps)
+                    us = bench([lambda x=x, w=warps: triton_quant.hadamard_quantize(x, None, 4, 0.9, num_warps=w)
                                 for x in xs]) * 1e3
                     row = {"M": m, "K": k, "warps": warps, "fused_us": us,
                            "hbm_fraction": (m * k * 3 + 4 * m) / (us * 1e-6) / ceilings["hbm_bytes_per_s"]}
