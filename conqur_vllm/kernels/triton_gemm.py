@@ -291,7 +291,7 @@ def _run(
     split = split_k_for(m, n, k, cfg, groups, a_q.device)
     k_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, k_split)
-    acc = reserve_workspace(splits * m * n, a_q.device) if split > 1 else out
+    acc = reserve_workspace(splits * m * n, a_q.device) if splits > 1 else out
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     _int_gemm_kernel[(tiles, splits)](
         a_q, b, a_s, b_s, bias_arg, out, acc,
@@ -300,10 +300,10 @@ def _run(
         b_s.stride(0) if not raw else 0, b_s.stride(1) if not raw else 0, out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         B_PACKED=packed, HAS_BIAS=bias is not None, RAW_ACC=raw, GROUPED=groups > 1,
-        SPLIT_K=split, USE_ASM=not _interpreting(),
+        SPLIT_K=splits, USE_ASM=not _interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split > 1:
+    if splits > 1:
         block_m = triton.next_power_of_2(max(m, 1))
         _split_k_epilogue_kernel[(triton.cdiv(n, EPILOGUE_BLOCK_N), triton.cdiv(m, block_m))](
             acc, a_s, b_s, bias_arg, out, m, n, splits, b_s.stride(0) if not raw else 0, out.stride(0),
