@@ -94,6 +94,13 @@ def _near_tie(y: torch.Tensor, scale: torch.Tensor, tol: float = 1e-3) -> torch.
     return ((v - v.floor()) - 0.5).abs() < tol
 
 
+def dense_codes_ok(q: torch.Tensor, s: torch.Tensor, ref_q: torch.Tensor, ref_s: torch.Tensor,
+                   y: torch.Tensor) -> bool:
+    """Codes after a dense Hadamard factor: scales within 1e-6, codes off by one at most, and only at ties."""
+    return (float(((s - ref_s).abs() / ref_s).max()) < 1e-6 and bool(((q != ref_q) <= _near_tie(y, ref_s)).all())
+            and int((q.int() - ref_q.int()).abs().max()) <= 1)
+
+
 def check_quant(m: int, k: int) -> None:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * (torch.rand(m, 1, device="cuda") * 4 + 0.1)
     x[:, 1] += 20  # an outlier channel
@@ -112,9 +119,7 @@ def check_quant(m: int, k: int) -> None:
         if plan.m == 1:
             ok = torch.equal(q, ref_q) and torch.equal(s, ref_s)
         else:
-            s_rel = float(((s - ref_s).abs() / ref_s).max())
-            ok = (s_rel < 1e-6 and bool((diff <= _near_tie(y, ref_s)).all())
-                  and int((q.int() - ref_q.int()).abs().max()) <= 1)
+            ok = dense_codes_ok(q, s, ref_q, ref_s, y)
         detail = []
         if not ok:  # what the mismatching codes looked like: rotation, scale and y / scale of each
             yk = triton_quant.hadamard_transform(x.float(), block)
@@ -125,14 +130,13 @@ def check_quant(m: int, k: int) -> None:
                                "v": float(y[r, c].double() / ref_s[r, 0].double())})
         record("hadamard_quantize", ok, M=m, K=k, block=block, dense_m=plan.m,
                code_mismatches=int(diff.sum()), detail=detail)
-        if plan.m > 1:  # the other dense precision meets the same criterion
+        if plan.m > 1:  # the non-default dense precision meets the same criterion
+            other = next(p for p in triton_quant.PRECISIONS if p != triton_quant.DENSE_PRECISION)
             q2 = torch.full((m, k), 127, dtype=torch.int8, device="cuda")
             s2 = torch.full((m, 1), float("nan"), device="cuda")
-            triton_quant.hadamard_quantize(x, block, 4, 0.9, out=(q2, s2), precision="tf32x3")
-            diff2 = q2 != ref_q
-            ok2 = (float(((s2 - ref_s).abs() / ref_s).max()) < 1e-6 and bool((diff2 <= _near_tie(y, ref_s)).all())
-                   and int((q2.int() - ref_q.int()).abs().max()) <= 1)
-            record("hadamard_quantize_tf32x3", ok2, M=m, K=k, block=block, code_mismatches=int(diff2.sum()))
+            triton_quant.hadamard_quantize(x, block, 4, 0.9, out=(q2, s2), precision=other)
+            record(f"hadamard_quantize_{other}", dense_codes_ok(q2, s2, ref_q, ref_s, y), M=m, K=k, block=block,
+                   code_mismatches=int((q2 != ref_q).sum()))
         yk = torch.full_like(x, float("nan"))
         yk.copy_(triton_quant.hadamard_transform(x, block))
         yr = fast_hadamard_transform(x, block)

@@ -92,11 +92,6 @@ def export(ckpt: Path, out: Path, tokens: int) -> None:
     print(f"wrote {len(sites)} sites ({', '.join(s['name'].split('.', 2)[-1] for s in sites)}) to {out}")
 
 
-def _near_tie(y: torch.Tensor, scale: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
-    v = y.double() / scale.double()
-    return ((v - v.floor()) - 0.5).abs() < tol
-
-
 def check_site(site: dict, g: dict[str, torch.Tensor], i: int) -> dict:
     """Run one site's ops on CUDA and compare them with the golden results."""
     dev = torch.device("cuda")
@@ -111,10 +106,11 @@ def check_site(site: dict, g: dict[str, torch.Tensor], i: int) -> dict:
     else:
         q, s = torch.ops.conqur.quantize_per_token(x, bits, clip, None)
         dense, y = False, x.float()
+    from check_kernels_gpu import dense_codes_ok
+
     diff = q != ref_q
-    codes_ok = (bool((diff <= _near_tie(y, ref_s)).all()) and int((q.int() - ref_q.int()).abs().max()) <= 1
-                if dense else not bool(diff.any()))
     scale_err = float(((s - ref_s).abs() / ref_s).max())
+    codes_ok = dense_codes_ok(q, s, ref_q, ref_s, y) if dense else not bool(diff.any())
     scales_ok = scale_err < 1e-6 if dense else torch.equal(s, ref_s)
     from conqur_vllm.kernels import triton_gemm
 

@@ -41,7 +41,6 @@ def group_of(name: str) -> str:
 
 def profile_model(model: str, prompts: list[str], max_tokens: int, dtype: str) -> dict:
     """Generate ``prompts`` once to warm up, then once under the profiler; op self-times and group shares."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
 
@@ -60,7 +59,6 @@ def profile_model(model: str, prompts: list[str], max_tokens: int, dtype: str) -
     for name, secs, _ in ops:
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + secs
     del llm
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     top = sorted(ops, key=lambda o: -o[1])[:15]
     return {"model": model, "dtype": dtype, "wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall, "self_cpu_s": total,
             "groups": {g: {"s": s, "share": s / total} for g, s in sorted(groups.items(), key=lambda g: -g[1])},

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from conqur_vllm.kernels.triton_quant import interpreted
+
 MIN_BLOCK_K = 32
 SPLIT_K_MAX_M = 16
 """Calls with at most this many rows may split K across programs (decode: too few output tiles to fill the GPU)."""
@@ -219,11 +221,6 @@ def _check(a_q: Tensor, b: Tensor, packed: bool) -> tuple[int, int, int]:
     return m, b.shape[0], k
 
 
-def _interpreting() -> bool:
-    """Whether the kernels were decorated under ``TRITON_INTERPRET=1`` (no inline PTX there)."""
-    return type(_int_gemm_kernel).__name__ == "InterpretedFunction"
-
-
 def reserve_workspace(numel: int, device: torch.device) -> Tensor:
     """The int32 split-K buffer of ``device`` (one per device, shared by all layers), grown to ``numel``.
 
@@ -300,7 +297,7 @@ def _run(
         b_s.stride(0) if not raw else 0, b_s.stride(1) if not raw else 0, out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         B_PACKED=packed, HAS_BIAS=bias is not None, RAW_ACC=raw, GROUPED=groups > 1,
-        SPLIT_K=splits, USE_ASM=not _interpreting(),
+        SPLIT_K=splits, USE_ASM=not interpreted(_int_gemm_kernel),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:

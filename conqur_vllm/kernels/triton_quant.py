@@ -174,9 +174,9 @@ def _hadamard_quant_kernel(
         tl.store(y_ptr + row * stride_ym + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    """Whether the kernel was decorated under ``TRITON_INTERPRET=1`` (plain ``div_rn`` divisions there)."""
-    return type(_hadamard_quant_kernel).__name__ == "InterpretedFunction"
+def interpreted(kernel: object) -> bool:
+    """Whether ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (no inline PTX or FMA divisions there)."""
+    return type(kernel).__name__ == "InterpretedFunction"
 
 
 def _launch(
@@ -212,7 +212,7 @@ def _launch(
             float((1 << (bits - 1)) - 1),
             G=plan.g_pad, MP=plan.m_pad, P=plan.p_pad, LOG2_P=plan.log2_p,
             ROTATE=plan.rotate, DENSE=dense, QUANTIZE=quantize, HAS_ABSMAX=absmax is not None,
-            PRECISION=precision, FMA_DIVIDE=not _interpreting(), num_warps=num_warps or _num_warps(plan.tile),
+            PRECISION=precision, FMA_DIVIDE=not interpreted(_hadamard_quant_kernel), num_warps=num_warps or _num_warps(plan.tile),
         )
     return (q, scale) if quantize else y
 
