@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict | None] = {
     "ema": {"accumulate": "ema"},
     "alternations-1": {"alternations": 1},
     "massive-x4": {"massive_token_weight": 4.0},
+    "steps-4": {"steps": 4},
     "steps-16": {"steps": 16},
     "no-r2-no-rows": {"learn_r2": False, "weight_mu": 0.0},
     "grid-target": {"target": "grid"},
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="512-token windows of the selection text")
     ap.add_argument("--eval-text", default="technical", help="selection text (not the reported wiki text)")
     ap.add_argument("--base", default="{}", help="JSON ConqurOptions the variants start from")
+    ap.add_argument("--calib", default="{}",
+                    help="JSON CalibrationOptions overrides for every variant, QuaRot included (e.g. a_clip)")
     ap.add_argument("--include", default="",
                     help="comma-separated JSON files of earlier runs (same text) whose rows join the table")
     ap.add_argument("--json", default=None)
@@ -83,7 +86,7 @@ def main() -> None:
         for seed in seeds:
             t0 = time.perf_counter()
             model, extra = build(fp_model, tokenizer, row, seed, {**base, **(overrides or {})}, calib_text,
-                                 vocab_bits=(16, 16))
+                                 vocab_bits=(16, 16), calib_overrides=json.loads(args.calib))
             entry = {"variant": variant, "seed": seed, "ppl": ppl(model), **extra,
                      "seconds": time.perf_counter() - t0}
             results.append(entry)
@@ -93,7 +96,8 @@ def main() -> None:
                for r in json.loads(Path(path).read_text())["results"] if r["variant"] != "fp"]
     print_table(results + earlier)
     meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "eval_text": args.eval_text, "base": base, "tokens": int(windows.numel()), "quantizer": args.quantizer}
+            "eval_text": args.eval_text, "base": base, "calib": json.loads(args.calib),
+            "tokens": int(windows.numel()), "quantizer": args.quantizer}
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"\n{meta}")

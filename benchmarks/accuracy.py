@@ -43,16 +43,18 @@ ROWS: dict[str, dict | None] = {
 
 
 def build(fp_model, tokenizer, row: str, seed: int, conqur_overrides: dict, calib_text: str,
-          vocab_bits: tuple[int, int] | None = None):
-    """The row's calibrated model; ``vocab_bits`` = (embedding, head) bits, None = the calibrator's defaults."""
+          vocab_bits: tuple[int, int] | None = None, calib_overrides: dict | None = None):
+    """The row's calibrated model; ``vocab_bits`` = (embedding, head) bits, None = the calibrator's defaults;
+    ``calib_overrides``: CalibrationOptions fields set for every row (e.g. a_clip, samples, seq_len)."""
     spec = ROWS[row]
     if spec is None:
         return fp_model, {}
     model = copy.deepcopy(fp_model)
     vocab = {} if vocab_bits is None else {"embed_bits": vocab_bits[0], "head_bits": vocab_bits[1]}
-    opts = CalibrationOptions(seed=seed, conqur=ConqurOptions(**conqur_overrides), **spec, **vocab)
+    opts = CalibrationOptions(seed=seed, conqur=ConqurOptions(**conqur_overrides),
+                              **{**(calib_overrides or {}), **spec, **vocab})
     result = pipeline.calibrate_model(model, tokenizer, opts, calib_text, progress=False)
-    extra = dict(result.stage_seconds)
+    extra = {**result.stage_seconds, "a_clip": result.options.a_clip}
     if result.learn_report is not None:
         steps = result.learn_report.steps
         extra["r1_objective"] = [result.learn_report.r1_initial, steps[-1].r1_after] if steps else None
@@ -66,6 +68,8 @@ def main() -> None:
     ap.add_argument("--seq-lens", default="512")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--conqur", default="{}", help='JSON overrides of ConqurOptions, e.g. \'{"steps": 4}\'')
+    ap.add_argument("--calib", default="{}",
+                    help='JSON overrides of CalibrationOptions for every row, e.g. \'{"a_clip": 0.8}\'')
     ap.add_argument("--tasks", default="", help="zero-shot tasks (piqa,arc_easy,arc_challenge,hellaswag,...)")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--eval-text", default="wiki",
@@ -93,7 +97,8 @@ def main() -> None:
     for row in rows:
         for seed in (seeds if ROWS[row] is not None else [0]):
             t0 = time.perf_counter()
-            model, extra = build(fp_model, tokenizer, row, seed, overrides, calib_text, vocab_bits)
+            model, extra = build(fp_model, tokenizer, row, seed, overrides, calib_text, vocab_bits,
+                                 json.loads(args.calib))
             entry = {"row": row, "seed": seed, **extra}
             with torch.no_grad():
                 for L, w in windows.items():

@@ -69,7 +69,7 @@ def main() -> None:
 
     opts = CalibrationOptions(method=args.method, w_bits=16, seed=args.seed, embed_bits=16, head_bits=16)
     model = copy.deepcopy(fp_model)
-    pipeline.calibrate_model(model, tokenizer, opts, assets.calibration_text(), progress=False)
+    opts = pipeline.calibrate_model(model, tokenizer, opts, assets.calibration_text(), progress=False).options
     rows = {"fp": ppl(fp_model), "all sites (W16A4KV4)": ppl(model)}
     sites = {"q/k/v inputs": (adapter.attn_readers, False), "o_proj input": ((adapter.o_proj,), False),
              "gate/up inputs": (adapter.mlp_readers, False), "down_proj input": ((adapter.down_proj,), False),

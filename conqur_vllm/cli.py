@@ -10,11 +10,30 @@ import sys
 DEFAULT_OUT = "out/smollm2-conqur-w4a4kv4"
 
 
+def _clip_ratio(value: str, allow_auto: bool = True) -> float | str:
+    """A clip ratio in (0, 1], or ``auto``; anything else is a one-line argparse error."""
+    if allow_auto and value == "auto":
+        return value
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = float("nan")
+    if not 0.0 < ratio <= 1.0:
+        choices = "a number in (0, 1] or auto" if allow_auto else "a number in (0, 1]"
+        raise argparse.ArgumentTypeError(f"{value!r} is not a clip ratio: pass {choices}")
+    return ratio
+
+
 def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["conqur", "quarot", "none"], default="conqur")
     p.add_argument("--w-bits", type=int, choices=[4, 8], default=4)
     p.add_argument("--a-bits", type=int, choices=[4, 8, 16], default=4)
     p.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=4)
+    p.add_argument("--a-clip", type=_clip_ratio, default=None,
+                   help="activation clip ratio, or auto: the grid ratio with the least quantization error on "
+                        "the calibration data (default: the calibrator's)")
+    p.add_argument("--kv-clip", type=lambda v: _clip_ratio(v, allow_auto=False), default=None,
+                   help="KV cache clip ratio (default: the calibrator's)")
     p.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
     p.add_argument("--embed-bits", type=int, choices=[4, 8, 16], default=4,
@@ -62,7 +81,9 @@ def _options(args):
     from conqur_vllm.calibration.options import CalibrationOptions
 
     conqur = _conqur_options(args)
-    return CalibrationOptions(
+    clips = {name: value for name, value in (("a_clip", args.a_clip), ("kv_clip", args.kv_clip))
+             if value is not None}
+    return CalibrationOptions(**clips,
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
         weight_quantizer=args.weight_quantizer, group_size=args.group_size, samples=args.samples,
         embed_bits=args.embed_bits, head_bits=args.head_bits,

@@ -247,7 +247,7 @@ from conqur_vllm.rotation.rotations import apply_rotations
 steps = int(sys.argv[2])
 model, tok = pipeline.load_model(sys.argv[1])
 adapter = get_adapter(model.config)
-opts = CalibrationOptions(samples=8, seq_len=256, conqur=ConqurOptions(steps=steps, batch_size=8))
+opts = CalibrationOptions(samples=8, seq_len=256, a_clip=0.9, conqur=ConqurOptions(steps=steps, batch_size=8))
 rot = pipeline.initial_rotations(model, opts)
 apply_rotations(model, adapter, rot)
 pipeline.set_quantizers(model, opts, r3=True)

@@ -78,7 +78,11 @@ def hf_config_dict(model) -> dict:
 
 def export_checkpoint(result: CalibrationResult, opts: CalibrationOptions, out_dir: str | Path, *,
                       source_dir: str | Path | None, report: dict, overwrite: bool = True) -> Path:
-    """Write ``out_dir`` atomically (temp dir + rename)."""
+    """Write ``out_dir`` atomically (temp dir + rename). ``a_clip="auto"`` takes the ratio the run chose."""
+    if opts.a_clip == "auto":
+        if result.options is None or result.options.a_clip == "auto":
+            raise CalibrationError("a_clip='auto' was not resolved: export a result of calibrate_model")
+        opts = result.options
     if opts.w_bits >= 16:
         raise CalibrationError("a checkpoint needs quantized weights: use --w-bits 4 (or 8)")
     get_adapter(result.model.config)

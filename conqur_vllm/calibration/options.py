@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,7 +45,9 @@ class CalibrationOptions(BaseModel):
     head_bits: Literal[4, 8, 16] = 4
     vocab_group_size: int | None = Field(default=32, gt=0, description="group of 4-bit embedding/head weights")
     clip_search: bool = True
-    a_clip: float = Field(default=0.9, gt=0.0, le=1.0)
+    a_clip: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] = Field(
+        default="auto", description="activation clip ratio; auto (measured default): the grid ratio with the "
+                                    "least quantization error on calibration data")
     kv_clip: float = Field(default=0.95, gt=0.0, le=1.0)
     samples: int = Field(default=32, ge=1)
     seq_len: int = Field(default=512, ge=16)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from conqur_vllm import fake_quant
+from conqur_vllm.calibration.act_clip import ClipChoice, choose_activation_clip
 from conqur_vllm.calibration.layerwise import quantize_weights
 from conqur_vllm.calibration.learn_rotations import LearnReport, learn_rotations
 from conqur_vllm.calibration.options import CalibrationOptions
@@ -38,6 +39,8 @@ class CalibrationResult:
     qweights: dict[str, QuantizedTensor]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     learn_report: LearnReport | None = None
+    options: CalibrationOptions | None = None  # as used: ``a_clip="auto"`` resolved to the chosen ratio
+    clip_choice: ClipChoice | None = None
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -81,6 +84,18 @@ def target_specs(opts: CalibrationOptions) -> dict[str, QuantSpec | None]:
     return {"act_spec": act, "value_spec": value}
 
 
+def resolve_activation_clip(model: nn.Module, opts: CalibrationOptions,
+                            batches: list[torch.Tensor]) -> tuple[CalibrationOptions, ClipChoice | None]:
+    """Options with ``a_clip="auto"`` replaced by the ratio chosen on the rotated ``model`` (first calibration
+    batch); other options come back unchanged. Unquantized activations take 1.0 (the ratio is unused)."""
+    if opts.a_clip != "auto":
+        return opts, None
+    if opts.a_bits >= 16:
+        return opts.model_copy(update={"a_clip": 1.0}), None
+    choice = choose_activation_clip(model, batches[0].to(opts.device), opts.a_bits)
+    return opts.model_copy(update={"a_clip": choice.clip}), choice
+
+
 def initial_rotations(model: nn.Module, opts: CalibrationOptions) -> Rotations:
     if opts.method == "none":
         return Rotations(r1=None, r2=None, r3=False, r4=False)
@@ -88,7 +103,9 @@ def initial_rotations(model: nn.Module, opts: CalibrationOptions) -> Rotations:
 
 
 def set_quantizers(model: nn.Module, opts: CalibrationOptions, r3: bool) -> None:
-    """Switch on activation and KV fake-quant as the options say."""
+    """Switch on activation and KV fake-quant as the options say (``a_clip`` resolved to a ratio)."""
+    if opts.a_clip == "auto":
+        raise CalibrationError("a_clip='auto' is chosen on the rotated model: call resolve_activation_clip first")
     adapter = get_adapter(model.config)
     act_bits = None if opts.a_bits >= 16 else opts.a_bits
     kv_bits = None if opts.kv_bits >= 16 else opts.kv_bits
@@ -107,7 +124,8 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
     """
     adapter = get_adapter(model.config)
     times: dict[str, float] = {}
-    needs_data = opts.method == "conqur" or (opts.w_bits < 16 and opts.weight_quantizer == "gptq")
+    needs_data = (opts.method == "conqur" or (opts.w_bits < 16 and opts.weight_quantizer == "gptq")
+                  or (opts.a_clip == "auto" and opts.a_bits < 16))
     batches = (calibration_batches(tokenizer, calib_text, opts.samples, opts.seq_len, opts.conqur.batch_size,
                                    opts.seed) if needs_data else [])
     rot = initial_rotations(model, opts)
@@ -116,15 +134,17 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
         t0 = time.perf_counter()
         scratch = copy.deepcopy(model)
         apply_rotations(scratch, adapter, rot)
-        set_quantizers(scratch, opts, r3=rot.r3)
+        learn_opts, _ = resolve_activation_clip(scratch, opts, batches)
+        set_quantizers(scratch, learn_opts, r3=rot.r3)
         rot, report = learn_rotations(scratch, adapter, rot, batches, opts.conqur, weight_spec=weight_spec(opts),
-                                      **target_specs(opts),
+                                      **target_specs(learn_opts),
                                       seed=opts.seed, device=opts.device,
                                       progress=progress, on_step=on_step)
         del scratch
         times["learn_rotations"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     apply_rotations(model, adapter, rot)
+    opts, clip_choice = resolve_activation_clip(model, opts, batches)
     set_quantizers(model, opts, r3=rot.r3)
     times["rotate"] = time.perf_counter() - t0
     qweights: dict[str, QuantizedTensor] = {}
@@ -143,4 +163,4 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
                                     on_layer=keep_hidden)
         qweights.update(quantize_vocab(model, adapter, opts, final_hidden=last_hidden))
         times["quantize_weights"] = time.perf_counter() - t0
-    return CalibrationResult(model, tokenizer, rot, qweights, times, report)
+    return CalibrationResult(model, tokenizer, rot, qweights, times, report, opts, clip_choice)

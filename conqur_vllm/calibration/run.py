@@ -77,10 +77,11 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
                 t0 = time.perf_counter()
                 apply_rotations(model, adapter, rot)
                 release_memory()
-                pipeline.set_quantizers(model, opts, r3=rot.r3)
+                learn_opts, _ = pipeline.resolve_activation_clip(model, opts, batches)
+                pipeline.set_quantizers(model, learn_opts, r3=rot.r3)
                 rot, report = learn_rotations(model, adapter, rot, batches, opts.conqur,
                                               weight_spec=pipeline.weight_spec(opts),
-                                              **pipeline.target_specs(opts),
+                                              **pipeline.target_specs(learn_opts),
                                               seed=opts.seed, device=opts.device, progress=progress,
                                               on_step=metrics.on_step)
                 learn_report = report.to_dict()
@@ -91,7 +92,8 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             state.save_rotations(rot, learn_report)
         apply_rotations(model, adapter, rot)
         release_memory()
-        pipeline.set_quantizers(model, opts, r3=rot.r3)
+        used, clip_choice = pipeline.resolve_activation_clip(model, opts, batches)  # a_clip "auto" -> a ratio
+        pipeline.set_quantizers(model, used, r3=rot.r3)
 
         metrics.set_stage("quantize_weights")
         t0 = time.perf_counter()
@@ -119,7 +121,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
         times["quantize_weights"] = time.perf_counter() - t0
 
         metrics.set_stage("export")
-        result = pipeline.CalibrationResult(model, tokenizer, rot, qweights)
+        result = pipeline.CalibrationResult(model, tokenizer, rot, qweights, options=used, clip_choice=clip_choice)
         sqnr = activation_sqnr(model, adapter, batches[0][:1])
         times["total"] = time.perf_counter() - t_start
         report = {
@@ -127,6 +129,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             "source_model": str(source),
             "rotation_objective": learn_report,
             "activation_sqnr_db": sqnr,
+            "activation_clip": clip_choice.to_dict() if clip_choice else {"chosen": used.a_clip},
             "stage_seconds": times,
             "samples_used": opts.samples,
             "tokens_used": opts.samples * opts.seq_len,
@@ -134,7 +137,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             "versions": {"conqur_vllm": __version__, "torch": torch.__version__,
                          "python": sys.version.split()[0], "platform": platform.platform()},
         }
-        path = export_checkpoint(result, opts, out_dir, source_dir=source, report=report)
+        path = export_checkpoint(result, used, out_dir, source_dir=source, report=report)
         state.remove()
         if progress:
             print(f"wrote {path} in {times['total']:.1f}s, peak RSS {peak_rss_mb():.0f} MiB", file=sys.stderr)
