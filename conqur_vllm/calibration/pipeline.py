@@ -96,6 +96,19 @@ def resolve_activation_clip(model: nn.Module, opts: CalibrationOptions,
     return opts.model_copy(update={"a_clip": choice.clip}), choice
 
 
+def set_learner_quantizers(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor],
+                           r3: bool) -> CalibrationOptions:
+    """Switch on the quantizers of the learner's scratch model; returns the options it runs with. The clip is
+    chosen only when the learner reads activation codes (quantized forward or grid targets); the
+    full-precision forward switches activation quantization off, so its ratio is never used there."""
+    if opts.conqur.quantized_forward or opts.conqur.target == "grid":
+        opts = resolve_activation_clip(model, opts, batches)[0]
+    elif opts.a_clip == "auto":
+        opts = opts.model_copy(update={"a_clip": 1.0})  # unused: activations stay in full precision
+    set_quantizers(model, opts, r3=r3)
+    return opts
+
+
 def initial_rotations(model: nn.Module, opts: CalibrationOptions) -> Rotations:
     if opts.method == "none":
         return Rotations(r1=None, r2=None, r3=False, r4=False)
@@ -134,8 +147,7 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
         t0 = time.perf_counter()
         scratch = copy.deepcopy(model)
         apply_rotations(scratch, adapter, rot)
-        learn_opts, _ = resolve_activation_clip(scratch, opts, batches)
-        set_quantizers(scratch, learn_opts, r3=rot.r3)
+        learn_opts = set_learner_quantizers(scratch, opts, batches, r3=rot.r3)
         rot, report = learn_rotations(scratch, adapter, rot, batches, opts.conqur, weight_spec=weight_spec(opts),
                                       **target_specs(learn_opts),
                                       seed=opts.seed, device=opts.device,

@@ -77,8 +77,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
                 t0 = time.perf_counter()
                 apply_rotations(model, adapter, rot)
                 release_memory()
-                learn_opts, _ = pipeline.resolve_activation_clip(model, opts, batches)
-                pipeline.set_quantizers(model, learn_opts, r3=rot.r3)
+                learn_opts = pipeline.set_learner_quantizers(model, opts, batches, r3=rot.r3)
                 rot, report = learn_rotations(model, adapter, rot, batches, opts.conqur,
                                               weight_spec=pipeline.weight_spec(opts),
                                               **pipeline.target_specs(learn_opts),
