@@ -47,9 +47,8 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[5:])
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
+            if ttft is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                ttft = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     latency = time.perf_counter() - t0

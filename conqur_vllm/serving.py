@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 from conqur_vllm.config import ConqurQuantConfig
 from conqur_vllm.vllm_compat import ensure_vllm_distribution
@@ -79,7 +80,7 @@ class RunningServer:
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> RunningServer:
+    def __enter__(self) -> Self:
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -107,3 +107,20 @@ def test_grid_target_lowers_the_quantizers_error_on_held_out_vectors():
         assert err[1] < 0.97 * err[0]
     eye = torch.eye(64, dtype=torch.float64)
     assert float((site.rotation.T @ site.rotation - eye).abs().max()) < 1e-12
+
+
+def test_a_stack_of_sites_matches_separate_sites():
+    """One batched site over S stacked rotations equals S separate sites (rotations, moments, mean objective)."""
+    starts = [random_hadamard_matrix(64, s) for s in range(3)]
+    data = [_outlier_vectors(seed=s) for s in range(3)]
+    singles = [CornerSite(r.clone()) for r in starts]
+    stacked = CornerSite(torch.stack(starts))
+    for _ in range(2):
+        single_obj = [site.update(u, alternations=2) for site, u in zip(singles, data, strict=True)]
+        before, after = stacked.update(torch.stack(data), alternations=2)
+        assert abs(before - sum(b for b, _ in single_obj) / 3) < 1e-12
+        assert abs(after - sum(a for _, a in single_obj) / 3) < 1e-12
+    for i, site in enumerate(singles):
+        rel = (stacked.rotation[i] - site.rotation).norm() / site.rotation.norm()
+        assert float(rel) < 1e-12
+        assert float((stacked.moment[i] - site.moment).norm() / site.moment.norm()) < 1e-12

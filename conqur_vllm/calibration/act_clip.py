@@ -32,17 +32,24 @@ class ClipChoice:
 
 
 class _ErrorProbe:
-    """Stands in for one linear's activation quantizer: adds each grid ratio's error, passes ``x`` on unchanged."""
+    """Stands in for one linear's activation quantizer: adds each grid ratio's error, passes ``x`` on unchanged.
+
+    Linears that read the same tensor (q/k/v, gate/up) each count as a site; its errors are computed once."""
 
     def __init__(self, totals: torch.Tensor, bits: int, grid: tuple[float, ...]) -> None:
         self.totals, self.bits, self.grid = totals, bits, grid
+        self.last_input: torch.Tensor | None = None
+        self.last_errors = torch.zeros_like(totals)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
-        energy = rows.pow(2).sum(-1, dtype=torch.float64).clamp_min(1e-30)
-        for i, clip in enumerate(self.grid):
-            err = (fake_quantize(rows, activation_spec(self.bits, clip)) - rows).pow(2).sum(-1, dtype=torch.float64)
-            self.totals[i] += float((err / energy).mean())
+        if x is not self.last_input:
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            energy = rows.pow(2).sum(-1).clamp_min(1e-30)
+            for i, clip in enumerate(self.grid):
+                err = (fake_quantize(rows, activation_spec(self.bits, clip)) - rows).pow(2).sum(-1)
+                self.last_errors[i] = (err / energy).mean(dtype=torch.float64)
+            self.last_input = x
+        self.totals += self.last_errors
         return x
 
 
@@ -62,6 +69,7 @@ def choose_activation_clip(model: nn.Module, ids: torch.Tensor, bits: int,
         with torch.no_grad():
             model.get_decoder()(ids, use_cache=False)
     finally:
+        probe.last_input = None
         for m, act in zip(linears, saved, strict=True):
             m.act = act
     best = int(torch.argmin(totals))

@@ -149,8 +149,9 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
 
     site1 = CornerSite(rot.r1.to(torch.float64).clone(), opts.accumulate, opts.ema_decay,
                        target=target(act_spec), extra_target=target(weight_spec))
-    sites2 = [[CornerSite(r2_init[li, h].clone(), opts.accumulate, opts.ema_decay, target=target(value_spec))
-               for h in range(n_kv)] for li in range(n_layers)] if opts.learn_r2 else []
+    # every layer's and KV head's R2 is its own site; they are updated together as one batched site
+    site2 = (CornerSite(r2_init.reshape(n_layers * n_kv, hd, hd).clone(), opts.accumulate, opts.ema_decay,
+                        target=target(value_spec)) if opts.learn_r2 else None)
     rows = reader_weight_rows(model, adapter, site1.rotation, seed) if opts.weight_mu > 0 else None
     quantized = opts.quantized_forward
     saved_act = {m: m.act for m in model.modules() if isinstance(m, fake_quant.QuantLinear)}
@@ -186,28 +187,22 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
             if report.r1_initial is None:
                 report.r1_initial = b1
             delta1 = old_r1.T @ site1.rotation
-            b2s, a2s = [], []
-            if sites2:
-                deltas = torch.empty(n_layers, n_kv, hd, hd, dtype=torch.float64)
-                for li in range(n_layers):
-                    v = recorder.values[li]
-                    for h in range(n_kv):
-                        site = sites2[li][h]
-                        old = site.rotation
-                        u2 = normalize_rows(v[:, h]) @ old.T
-                        b2, a2 = site.update(u2, alternations=opts.alternations)
-                        b2s.append(b2)
-                        a2s.append(a2)
-                        deltas[li, h] = old.T @ site.rotation
+            b2 = a2 = 0.0
+            if site2 is not None:
+                old_r2 = site2.rotation
+                v = torch.stack([recorder.values[li] for li in range(n_layers)], dim=1)  # tokens, L, K, hd
+                v = v.reshape(v.shape[0], n_layers * n_kv, hd).transpose(0, 1).float()
+                u2 = (v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ old_r2.mT.float()
+                b2, a2 = site2.update(u2, alternations=opts.alternations)
                 if report.r2_initial is None:
-                    report.r2_initial = sum(b2s) / len(b2s)
+                    report.r2_initial = b2
+                deltas = (old_r2.mT @ site2.rotation).reshape(n_layers, n_kv, hd, hd)
             rotate_residual(model, adapter, delta1, ends=False, precision=torch.float32)
             pending = pending @ delta1
             pending32[0] = pending.float()
-            if sites2:
+            if site2 is not None:
                 rotate_values(model, adapter, deltas)
-            log = StepLog(step, time.perf_counter() - t0, b1, a1,
-                          sum(b2s) / max(len(b2s), 1), sum(a2s) / max(len(a2s), 1))
+            log = StepLog(step, time.perf_counter() - t0, b1, a1, b2, a2)
             report.steps.append(log)
             if progress:
                 bar.write(log.line())
@@ -222,6 +217,6 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
             m.act = act
         for layer, att in zip(adapter.decoder_layers(model), saved_attn):
             layer.get_submodule(adapter.attention).conqur_attention = att
-    r2 = torch.stack([torch.stack([s.rotation for s in row]) for row in sites2]) if sites2 else rot.r2
+    r2 = site2.rotation.reshape(n_layers, n_kv, hd, hd) if site2 is not None else rot.r2
     return Rotations(r1=site1.rotation, r2=r2, r3=rot.r3, r4=rot.r4, r4_block=rot.r4_block), report
 

@@ -157,7 +157,7 @@ def _int_gemm_kernel(
                     mask=m_mask[:, None], other=0)
         b = _load_b(b_ptr, offs_n64, k0, N, stride_bn, stride_bk, BLOCK_N, BLOCK_K, B_PACKED, USE_ASM)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        if GROUPED:
+        if GROUPED:  # noqa: SIM102 (compile-time branch around a run-time one: kept apart for Triton)
             if (k0 + BLOCK_K) % group_size == 0:  # last tile of a group: scale it into the float sum
                 ws = tl.load(b_scale_ptr + offs_n64 * stride_bsn + (k0 // group_size) * stride_bsg,
                              mask=n_mask, other=0.0)

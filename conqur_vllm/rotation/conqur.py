@@ -69,7 +69,7 @@ def _objective_of_rotated(z: Tensor, weights: Tensor | None) -> float:
 
 
 def procrustes(m: Tensor) -> Tensor:
-    """The orthogonal R maximizing tr(R^T M): U V^T from the SVD of M (float64)."""
+    """The orthogonal R maximizing tr(R^T M): U V^T from the SVD of M (float64; batched over leading dims)."""
     u, _, vh = torch.linalg.svd(m.to(torch.float64))
     return u @ vh
 
@@ -84,7 +84,12 @@ def corner_moment(u: Tensor, r: Tensor, weights: Tensor | None = None, target: T
 
 @dataclass
 class CornerSite:
-    """One rotation site's online state: R, the accumulated moment M and the objective history."""
+    """One rotation site's online state: R, the accumulated moment M and the objective history.
+
+    A stack of independent sites of one size (e.g. every layer's and KV head's R2) is one ``CornerSite`` whose
+    ``rotation`` is ``[S, d, d]`` and whose updates take ``u`` as ``[S, n, d]``: batched products and SVDs, the
+    same result as S separate sites; the objectives it returns are means over all S sites.
+    """
 
     rotation: Tensor
     accumulate: str = "sum"  # "sum" or "ema"
@@ -109,7 +114,7 @@ class CornerSite:
             c = self.target(z)
             if weights is not None:
                 c = c * weights[:, None].to(c.dtype)
-            batch_moment = (u.T @ c).to(torch.float64)
+            batch_moment = (u.mT @ c).to(torch.float64)
             if extra_u is not None and extra_scale > 0:
                 extra = corner_moment(extra_u, r, target=self.extra_target)
                 batch_moment = batch_moment + extra_scale / extra_u.shape[0] * extra
