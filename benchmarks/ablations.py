@@ -45,6 +45,8 @@ VARIANTS: dict[str, dict | None] = {
     "no-r2-no-rows": {"learn_r2": False, "weight_mu": 0.0},
     "grid-target": {"target": "grid"},
     "grid-alternations-1": {"target": "grid", "alternations": 1},
+    "select-heldout": {"select": "heldout"},
+    "select-heldout-steps-4": {"select": "heldout", "steps": 4},
 }
 
 

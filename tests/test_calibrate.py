@@ -148,6 +148,68 @@ def test_grid_target_learns_different_orthogonal_rotations(tiny_llama_dir, text_
     assert float((rots["grid"].r2 - rots["corner"].r2).abs().max()) > 1e-3
 
 
+def _heldout_loss_of(model_dir, rotations, opts, windows) -> float:
+    """Independent reference: a fresh model with ``rotations`` fused, the run's quantizers and RTN weights."""
+    from conqur_vllm import fake_quant
+    from conqur_vllm.models.adapters import get_adapter
+    from conqur_vllm.rotation.rotations import apply_rotations
+
+    model, _ = pipeline.load_model(model_dir)
+    apply_rotations(model, get_adapter(model.config), rotations)
+    pipeline.set_quantizers(model, opts, r3=rotations.r3)
+    fake_quant.set_weight_fake_quant(model, pipeline.weight_spec(opts), clip_search=False)
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:]) for ids in windows]
+    return float(sum(losses) / len(losses))
+
+
+def _select_run(model_dir, text_file, text, select: str, steps: int = 3, **kw):
+    model, tok = pipeline.load_model(model_dir)
+    opts = _opts(text_file, weight_quantizer="rtn", a_clip=0.8,
+                 conqur=ConqurOptions(steps=steps, batch_size=4, select=select, select_windows=2), **kw)
+    return pipeline.calibrate_model(model, tok, opts, text, progress=False), tok
+
+
+def test_heldout_selection_keeps_the_best_scored_update(tiny_llama_dir, text_file):
+    """``select="heldout"``: every update is scored on calibration windows no batch contains, the start's score
+    equals an independent evaluation, and the rotations kept are the learning path's best-scored update."""
+    text = synthetic_text()
+    run, tok = _select_run(tiny_llama_dir, text_file, text, "heldout")
+    opts, report = run.options, run.learn_report
+    windows = pipeline.heldout_windows(tok, text, opts)
+    batches = torch.cat(pipeline.calibration_batches(tok, text, opts.samples, opts.seq_len, 4, opts.seed))
+    assert windows.shape == (2, opts.seq_len)
+    assert not any(torch.equal(w, b) for w in windows for b in batches)
+    losses = [report.heldout_initial] + [s.heldout_loss for s in report.steps]
+    assert len(set(losses)) == len(losses)  # the rotations change what the quantizers see
+    assert report.selected_step == losses.index(min(losses)) - 1
+    start = pipeline.initial_rotations(run.model, opts)
+    reference = _heldout_loss_of(tiny_llama_dir, start, opts, windows)
+    assert abs(report.heldout_initial - reference) / reference < 1e-4
+    # the learning path is the unscored one; the kept rotations are its update number selected_step
+    if report.selected_step == -1:
+        expected = start.r1
+    else:
+        expected = _select_run(tiny_llama_dir, text_file, text, "last", steps=report.selected_step + 1)[0].rotations.r1
+    assert float((run.rotations.r1 - expected).norm() / expected.norm()) < 1e-12
+
+
+def test_heldout_scores_use_the_rotated_basis_throughout(tiny_llama_dir, text_file):
+    """Unquantized, every rotation gives the same function: each update's held-out loss equals the plain model's
+    (the scoring forward undoes the rotations it has not fused into the embedding and head yet)."""
+    text = synthetic_text()
+    bits = {"w_bits": 16, "a_bits": 16, "kv_bits": 16, "embed_bits": 16, "head_bits": 16}
+    run, tok = _select_run(tiny_llama_dir, text_file, text, "heldout", **bits)
+    model, _ = pipeline.load_model(tiny_llama_dir)
+    with torch.no_grad():
+        plain = [torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:])
+                 for ids in pipeline.heldout_windows(tok, text, run.options)]
+    reference = float(sum(plain) / len(plain))
+    losses = [run.learn_report.heldout_initial] + [s.heldout_loss for s in run.learn_report.steps]
+    assert all(abs(v - reference) / reference < 1e-4 for v in losses)
+    assert run.learn_report.steps[-1].r1_after < run.learn_report.r1_initial - 1e-3  # the rotations did move
+
+
 def test_bad_inputs_give_one_line_errors(tiny_llama_dir, text_file, tmp_path):
     with pytest.raises(pipeline.CalibrationError, match="lower --samples"):
         calibrate(tiny_llama_dir, tmp_path / "x", _opts(text_file, samples=100000), progress=False)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,10 +42,12 @@ class StepLog:
     r1_after: float
     r2_before: float
     r2_after: float
+    heldout_loss: float | None = None  # after this update (``select="heldout"``)
 
     def line(self) -> str:
+        loss = "" if self.heldout_loss is None else f", held-out loss {self.heldout_loss:.4f}"
         return (f"conqur step {self.step:3d}: R1 objective {self.r1_before:.4f} -> {self.r1_after:.4f}, "
-                f"R2 {self.r2_before:.4f} -> {self.r2_after:.4f} ({self.seconds:.1f}s)")
+                f"R2 {self.r2_before:.4f} -> {self.r2_after:.4f}{loss} ({self.seconds:.1f}s)")
 
 
 @dataclass
@@ -52,9 +55,12 @@ class LearnReport:
     steps: list[StepLog] = field(default_factory=list)
     r1_initial: float | None = None
     r2_initial: float | None = None
+    heldout_initial: float | None = None  # held-out loss of the starting rotations
+    selected_step: int | None = None  # the update kept (-1: the start); None: the last one, no selection
 
     def to_dict(self) -> dict:
         return {"r1_objective_initial": self.r1_initial, "r2_objective_initial": self.r2_initial,
+                "heldout_loss_initial": self.heldout_initial, "selected_step": self.selected_step,
                 "steps": [s.__dict__ for s in self.steps]}
 
 
@@ -90,6 +96,7 @@ class _SiteRecorder:
         self.residual: list[torch.Tensor] = []
         self.values: dict[int, torch.Tensor] = {}
         self.handles = []
+        self.paused = False  # e.g. while the model is scored on held-out windows
         self.generator = torch.Generator()
         norms = []
         for layer in adapter.decoder_layers(model):
@@ -100,10 +107,14 @@ class _SiteRecorder:
             self.handles.append(norm.register_forward_pre_hook(self._record_residual))
         for li, layer in enumerate(adapter.decoder_layers(model)):
             def grab(_m, _args, out, _li=li):
+                if self.paused:
+                    return
                 self.values[_li] = out.detach().reshape(-1, n_kv, head_dim)
             self.handles.append(layer.get_submodule(adapter.v_proj).register_forward_hook(grab))
 
     def _record_residual(self, _module, args):
+        if self.paused:
+            return
         x = args[0].detach().reshape(-1, args[0].shape[-1])
         if x.shape[0] > self.per_site:  # indexing copies: the full input is not kept alive
             self.residual.append(x[torch.randperm(x.shape[0], generator=self.generator)[: self.per_site]])
@@ -130,7 +141,7 @@ def _token_weights(x: torch.Tensor, massive_weight: float) -> torch.Tensor | Non
 def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, batches: list[torch.Tensor],
                     opts: ConqurOptions, *, weight_spec: QuantSpec | None,
                     act_spec: QuantSpec | None = None, value_spec: QuantSpec | None = None,
-                    seed: int = 0, device: torch.device | str = "cpu", progress: bool = True,
+                    heldout: torch.Tensor | None = None, seed: int = 0, device: torch.device | str = "cpu", progress: bool = True,
                     on_step: Callable[[StepLog], None] | None = None) -> tuple[Rotations, LearnReport]:
     """Run ``opts.steps`` online updates over ``batches`` (cycled); the model ends with the learned rotations fused.
 
@@ -138,7 +149,12 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
     ``weight_spec``: weights are RTN fake-quantized (absmax, no clip search) in the forward when given and
     ``opts.quantized_forward``. With ``opts.target == "grid"`` the R1 targets lie on ``act_spec``'s grid (weight
     rows on ``weight_spec``'s) and the R2 targets on ``value_spec``'s; a missing spec falls back to corners.
+    ``heldout`` (token windows, needed by ``opts.select == "heldout"``): after every update the model, with the
+    quantizers it came with and RTN weights (``weight_spec``), is scored by its loss on these windows, and the
+    best rotations, the start included, are kept.
     """
+    if opts.select == "heldout" and heldout is None:
+        raise ValueError("select='heldout' needs held-out windows (pipeline.heldout_windows)")
     cfg = model.config
     n_layers = len(adapter.decoder_layers(model))
     n_kv, hd = cfg.num_key_value_heads, head_dim_of(cfg)
@@ -157,9 +173,34 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
     saved_act = {m: m.act for m in model.modules() if isinstance(m, fake_quant.QuantLinear)}
     saved_attn = [layer.get_submodule(adapter.attention).conqur_attention
                   for layer in adapter.decoder_layers(model)]
-    if not quantized:
-        fake_quant.set_activation_quant(model, fake_quant.ActQuant(bits=None))
-        fake_quant.set_attention(model, adapter, fake_quant.AttentionSim(r3=rot.r3))
+    learner_act = {m: (m.act if quantized else fake_quant.ActQuant(bits=None)) for m in saved_act}
+    learner_attn = [att if quantized else fake_quant.AttentionSim(r3=rot.r3) for att in saved_attn]
+    learner_weights = weight_spec if quantized else None
+
+    def use_quantizers(act: dict, attn: list, weights: QuantSpec | None) -> None:
+        for m, a in act.items():
+            m.act = a
+        for layer, a in zip(adapter.decoder_layers(model), attn, strict=True):
+            layer.get_submodule(adapter.attention).conqur_attention = a
+        fake_quant.set_weight_fake_quant(model, weights, clip_search=False)
+
+    def heldout_loss() -> float:
+        """Mean next-token loss of the fully fake-quantized model (the LM head is still in the start basis)."""
+        use_quantizers(saved_act, saved_attn, weight_spec)
+        recorder.paused = True
+        try:
+            total = 0.0
+            with torch.no_grad():
+                for ids in heldout:
+                    hidden = decoder(ids[None].to(device), use_cache=False).last_hidden_state
+                    logits = head(hidden @ pending32[0].T.to(hidden.dtype))[0, :-1].float()
+                    total += float(F.cross_entropy(logits, ids[1:].to(logits.device)))
+            return total / len(heldout)
+        finally:
+            recorder.paused = False
+            use_quantizers(learner_act, learner_attn, learner_weights)
+
+    use_quantizers(learner_act, learner_attn, learner_weights)
     recorder = _SiteRecorder(model, adapter, n_kv, hd, opts.max_vectors)
     decoder = model.get_decoder()  # hidden states only: the LM head's logits are not needed here
     # the embedding (vocab x d) is rotated on its output while learning and fused once at the end
@@ -167,10 +208,13 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
     pending32 = [pending.float()]
     embed_hook = model.get_submodule(adapter.embed).register_forward_hook(
         lambda _m, _a, out: out @ pending32[0].to(out.dtype))
+    head = model.get_submodule(adapter.lm_head)
     report = LearnReport()
+    best: tuple[float, int, torch.Tensor, torch.Tensor | None] | None = None  # loss, step, R1, R2
     try:
-        if quantized and weight_spec is not None:  # RTN of the current weights inside every forward
-            fake_quant.set_weight_fake_quant(model, weight_spec, clip_search=False)
+        if opts.select == "heldout":
+            report.heldout_initial = heldout_loss()
+            best = (report.heldout_initial, -1, site1.rotation, site2.rotation if site2 is not None else None)
         bar = tqdm(range(opts.steps), desc="conqur rotations", disable=not progress)
         for step in bar:
             t0 = time.perf_counter()
@@ -202,12 +246,25 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
             pending32[0] = pending.float()
             if site2 is not None:
                 rotate_values(model, adapter, deltas)
-            log = StepLog(step, time.perf_counter() - t0, b1, a1, b2, a2)
+            loss = None
+            if best is not None:
+                loss = heldout_loss()
+                if loss < best[0]:
+                    best = (loss, step, site1.rotation, site2.rotation if site2 is not None else None)
+            log = StepLog(step, time.perf_counter() - t0, b1, a1, b2, a2, loss)
             report.steps.append(log)
             if progress:
                 bar.write(log.line())
             if on_step is not None:
                 on_step(log)
+        if best is not None:
+            report.selected_step = best[1]
+            if best[1] != opts.steps - 1:
+                _return_to(model, adapter, site1, site2, best[2], best[3], n_layers, n_kv)
+                pending = pending @ (site1.rotation.T @ best[2])
+                site1.rotation = best[2]
+                if site2 is not None:
+                    site2.rotation = best[3]
     finally:
         recorder.remove()
         embed_hook.remove()
@@ -219,4 +276,13 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
             layer.get_submodule(adapter.attention).conqur_attention = att
     r2 = site2.rotation.reshape(n_layers, n_kv, hd, hd) if site2 is not None else rot.r2
     return Rotations(r1=site1.rotation, r2=r2, r3=rot.r3, r4=rot.r4, r4_block=rot.r4_block), report
+
+
+def _return_to(model: nn.Module, adapter: ModelAdapter, site1: CornerSite, site2: CornerSite | None,
+               r1: torch.Tensor, r2: torch.Tensor | None, n_layers: int, n_kv: int) -> None:
+    """Fuse the change from the sites' current rotations back to a kept snapshot (not the embedding/head)."""
+    rotate_residual(model, adapter, site1.rotation.T @ r1, ends=False, precision=torch.float32)
+    if site2 is not None:
+        hd = r2.shape[-1]
+        rotate_values(model, adapter, (site2.rotation.mT @ r2).reshape(n_layers, n_kv, hd, hd))
 

@@ -26,6 +26,11 @@ class ConqurOptions(BaseModel):
                                   "(GPTQ: the full-precision forward won over 3 selection seeds)")
     max_vectors: int = Field(default=32768, ge=256, description="R1 site vectors sampled per update (memory cap)")
     massive_token_weight: float = Field(default=1.0, gt=0.0, description="weight of tokens > 8x median norm")
+    select: Literal["last", "heldout"] = Field(
+        default="last", description="last: keep the rotations of the last update; heldout: keep the update (the "
+                                    "start included) whose fake-quantized model has the least loss on held-out "
+                                    "calibration windows")
+    select_windows: int = Field(default=2, ge=1, description="held-out calibration windows scored per update")
     target: Literal["corner", "grid"] = Field(
         default="corner", description="corner: sign(z)/sqrt(d) (the ConQuR rule); grid: the quantizer's INT grid")
 

@@ -57,9 +57,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def calibration_batches(tokenizer, text: str, samples: int, seq_len: int, batch_size: int,
-                        seed: int) -> list[torch.Tensor]:
-    """``samples`` windows of ``seq_len`` tokens (seeded choice among all windows), grouped in batches."""
+def _window_order(tokenizer, text: str, samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``seq_len`` windows of ``text`` and their seeded order (the first ``samples`` calibrate)."""
     from conqur_vllm.eval.perplexity import tokenize_windows
 
     windows = tokenize_windows(tokenizer, text, seq_len)
@@ -68,9 +67,27 @@ def calibration_batches(tokenizer, text: str, samples: int, seq_len: int, batch_
             f"the calibration text has only {windows.shape[0]} windows of {seq_len} tokens but {samples} samples "
             "were asked for; lower --samples or --seq-len, or pass a longer --calib-text"
         )
-    pick = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
-    chosen = windows[pick.sort().values]
+    return windows, torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+
+
+def calibration_batches(tokenizer, text: str, samples: int, seq_len: int, batch_size: int,
+                        seed: int) -> list[torch.Tensor]:
+    """``samples`` windows of ``seq_len`` tokens (seeded choice among all windows), grouped in batches."""
+    windows, order = _window_order(tokenizer, text, samples, seq_len, seed)
+    chosen = windows[order[:samples].sort().values]
     return list(chosen.split(batch_size))
+
+
+def heldout_windows(tokenizer, text: str, opts: CalibrationOptions) -> torch.Tensor:
+    """``opts.conqur.select_windows`` windows of the calibration text that no calibration batch contains."""
+    n = opts.conqur.select_windows
+    windows, order = _window_order(tokenizer, text, opts.samples, opts.seq_len, opts.seed)
+    if windows.shape[0] < opts.samples + n:
+        raise CalibrationError(
+            f"the calibration text has {windows.shape[0]} windows of {opts.seq_len} tokens: too few for "
+            f"{opts.samples} samples plus {n} held-out windows; lower --samples or pass a longer --calib-text"
+        )
+    return windows[order[opts.samples:opts.samples + n].sort().values]
 
 
 def weight_spec(opts: CalibrationOptions) -> QuantSpec | None:
@@ -99,14 +116,26 @@ def resolve_activation_clip(model: nn.Module, opts: CalibrationOptions,
 def set_learner_quantizers(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor],
                            r3: bool) -> CalibrationOptions:
     """Switch on the quantizers of the learner's scratch model; returns the options it runs with. The clip is
-    chosen only when the learner reads activation codes (quantized forward or grid targets); the
-    full-precision forward switches activation quantization off, so its ratio is never used there."""
-    if opts.conqur.quantized_forward or opts.conqur.target == "grid":
+    chosen only when the learner reads activation codes (quantized forward, grid targets or held-out
+    selection); the full-precision forward switches activation quantization off, so its ratio is unused there."""
+    c = opts.conqur
+    if c.quantized_forward or c.target == "grid" or c.select == "heldout":
         opts = resolve_activation_clip(model, opts, batches)[0]
     elif opts.a_clip == "auto":
         opts = opts.model_copy(update={"a_clip": 1.0})  # unused: activations stay in full precision
     set_quantizers(model, opts, r3=r3)
     return opts
+
+
+def learn_conqur_rotations(model: nn.Module, tokenizer, rot: Rotations, opts: CalibrationOptions,
+                           batches: list[torch.Tensor], calib_text: str, *, progress: bool = True,
+                           on_step=None) -> tuple[Rotations, LearnReport]:
+    """ConQuR's online learning on ``model`` (a scratch copy with ``rot`` applied; it ends with the result fused)."""
+    learn_opts = set_learner_quantizers(model, opts, batches, r3=rot.r3)
+    heldout = heldout_windows(tokenizer, calib_text, opts) if opts.conqur.select == "heldout" else None
+    return learn_rotations(model, get_adapter(model.config), rot, batches, opts.conqur,
+                           weight_spec=weight_spec(opts), **target_specs(learn_opts), heldout=heldout,
+                           seed=opts.seed, device=opts.device, progress=progress, on_step=on_step)
 
 
 def initial_rotations(model: nn.Module, opts: CalibrationOptions) -> Rotations:
@@ -147,11 +176,8 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
         t0 = time.perf_counter()
         scratch = copy.deepcopy(model)
         apply_rotations(scratch, adapter, rot)
-        learn_opts = set_learner_quantizers(scratch, opts, batches, r3=rot.r3)
-        rot, report = learn_rotations(scratch, adapter, rot, batches, opts.conqur, weight_spec=weight_spec(opts),
-                                      **target_specs(learn_opts),
-                                      seed=opts.seed, device=opts.device,
-                                      progress=progress, on_step=on_step)
+        rot, report = learn_conqur_rotations(scratch, tokenizer, rot, opts, batches, calib_text,
+                                             progress=progress, on_step=on_step)
         del scratch
         times["learn_rotations"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -16,7 +16,6 @@ from conqur_vllm import __version__, assets
 from conqur_vllm.calibration import pipeline
 from conqur_vllm.calibration.export import export_checkpoint
 from conqur_vllm.calibration.layerwise import quantize_weights
-from conqur_vllm.calibration.learn_rotations import learn_rotations
 from conqur_vllm.calibration.metrics import activation_sqnr
 from conqur_vllm.calibration.options import CalibrationOptions
 from conqur_vllm.calibration.progress import ProgressMetrics
@@ -77,12 +76,8 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
                 t0 = time.perf_counter()
                 apply_rotations(model, adapter, rot)
                 release_memory()
-                learn_opts = pipeline.set_learner_quantizers(model, opts, batches, r3=rot.r3)
-                rot, report = learn_rotations(model, adapter, rot, batches, opts.conqur,
-                                              weight_spec=pipeline.weight_spec(opts),
-                                              **pipeline.target_specs(learn_opts),
-                                              seed=opts.seed, device=opts.device, progress=progress,
-                                              on_step=metrics.on_step)
+                rot, report = pipeline.learn_conqur_rotations(model, tokenizer, rot, opts, batches, text,
+                                                              progress=progress, on_step=metrics.on_step)
                 learn_report = report.to_dict()
                 times["learn_rotations"] = time.perf_counter() - t0
                 del model
