@@ -142,7 +142,8 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
                     opts: ConqurOptions, *, weight_spec: QuantSpec | None,
                     act_spec: QuantSpec | None = None, value_spec: QuantSpec | None = None,
                     heldout: torch.Tensor | None = None, seed: int = 0, device: torch.device | str = "cpu", progress: bool = True,
-                    on_step: Callable[[StepLog], None] | None = None) -> tuple[Rotations, LearnReport]:
+                    on_step: Callable[[StepLog], None] | None = None,
+                    on_rotations: Callable[[int, Rotations], None] | None = None) -> tuple[Rotations, LearnReport]:
     """Run ``opts.steps`` online updates over ``batches`` (cycled); the model ends with the learned rotations fused.
 
     ``rot`` must already be applied to ``model`` (:func:`conqur_vllm.rotation.apply_rotations`).
@@ -151,7 +152,7 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
     rows on ``weight_spec``'s) and the R2 targets on ``value_spec``'s; a missing spec falls back to corners.
     ``heldout`` (token windows, needed by ``opts.select == "heldout"``): after every update the model, with the
     quantizers it came with and RTN weights (``weight_spec``), is scored by its loss on these windows, and the
-    best rotations, the start included, are kept.
+    best rotations, the start included, are kept. ``on_rotations(step, rotations)`` sees every update's result.
     """
     if opts.select == "heldout" and heldout is None:
         raise ValueError("select='heldout' needs held-out windows (pipeline.heldout_windows)")
@@ -257,6 +258,10 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
                 bar.write(log.line())
             if on_step is not None:
                 on_step(log)
+            if on_rotations is not None:
+                r2_now = site2.rotation.reshape(n_layers, n_kv, hd, hd) if site2 is not None else rot.r2
+                on_rotations(step, Rotations(r1=site1.rotation, r2=r2_now, r3=rot.r3, r4=rot.r4,
+                                             r4_block=rot.r4_block))
         if best is not None:
             report.selected_step = best[1]
             if best[1] != opts.steps - 1:
