@@ -47,6 +47,8 @@ VARIANTS: dict[str, dict | None] = {
     "grid-alternations-1": {"target": "grid", "alternations": 1},
     "select-heldout": {"select": "heldout"},
     "select-heldout-steps-4": {"select": "heldout", "steps": 4},
+    "center": {"center": True},
+    "no-center": {"center": False},
 }
 
 

@@ -41,6 +41,14 @@ class WeightQuantArgs(_Strict):
         return self
 
 
+ShiftGroup = Literal["qkv", "o_proj", "gate_up", "down_proj"]
+# Linear names (Hugging Face and vLLM's merged ones) -> the input group they read.
+LINEAR_INPUT_GROUP: dict[str, str] = {
+    "q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o_proj",
+    "gate_proj": "gate_up", "up_proj": "gate_up", "gate_up_proj": "gate_up", "down_proj": "down_proj",
+}
+
+
 class ActivationQuantArgs(_Strict):
     """Dynamic per-token symmetric activation quantization at every decoder linear input."""
 
@@ -49,6 +57,9 @@ class ActivationQuantArgs(_Strict):
     granularity: Literal["token"] = "token"
     dynamic: Literal[True] = True
     clip_ratio: float = Field(default=0.9, gt=0.0, le=1.0)
+    shifted_inputs: tuple[ShiftGroup, ...] = Field(
+        default=(), description="input groups whose linears store a float32 ``input_shift`` mu: the quantizer reads "
+                                "x - mu and the GEMM output gets W mu added (qkv, o_proj, gate_up, down_proj)")
 
 
 class KVCacheQuantArgs(_Strict):
@@ -152,6 +163,11 @@ class ConqurQuantConfig(_Strict):
             if prefix == self.vocab.head_module:
                 return self.vocab.head_bits, self.vocab.group_for(self.vocab.head_bits)
         return self.weights.num_bits, self.weights.group_size
+
+    def has_input_shift(self, prefix: str) -> bool:
+        """Whether the linear at ``prefix`` (e.g. ``model.layers.0.self_attn.qkv_proj``) stores an input_shift."""
+        group = LINEAR_INPUT_GROUP.get(prefix.rsplit(".", 1)[-1])
+        return self.activations.num_bits < 16 and group in self.activations.shifted_inputs
 
     def transform(self, site: str) -> OnlineTransform | None:
         """The online transform at ``site``, or None."""

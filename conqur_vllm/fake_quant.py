@@ -56,7 +56,11 @@ class KVQuant:
 
 
 class QuantLinear(nn.Module):
-    """``linear(act_quant(online(x)))``; ``online`` is the run-time side of a fused rotation (e.g. R4)."""
+    """``linear(act_quant(online(x)))``; ``online`` is the run-time side of a fused rotation (e.g. R4).
+
+    With an ``input_shift`` mu (a buffer, saved with the model) the quantizer reads ``online(x) - mu`` and mu is
+    added back before the weight: ``W (Q(x - mu) + mu)``, i.e. ``W Q(x - mu)`` plus the bias ``W mu``, as served.
+    """
 
     def __init__(self, linear: nn.Linear, act: ActQuant, online_block: int | None = None,
                  online: bool = False) -> None:
@@ -68,6 +72,7 @@ class QuantLinear(nn.Module):
         self.weight_override: torch.Tensor | None = None  # e.g. fake-quantized weights during calibration
         self.weight_quant: QuantSpec | None = None  # RTN (absmax) fake-quant of the weight at every forward
         self.input_observer: Callable[[torch.Tensor], None] | None = None  # sees what the weight multiplies
+        self.register_buffer("input_shift", None)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -81,7 +86,10 @@ class QuantLinear(nn.Module):
         """What the weight matrix multiplies: online transform then activation fake-quant."""
         if self.online:
             x = hadamard_transform(x, self.online_block)
-        return self.act(x)
+        shift = self.input_shift
+        if shift is None:
+            return self.act(x)
+        return self.act(x - shift.to(x.dtype)) + shift.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.linear.weight if self.weight_override is None else self.weight_override
@@ -127,8 +135,10 @@ def install(model: nn.Module, adapter: ModelAdapter, *, act: ActQuant = ActQuant
             current = getattr(parent, name)
             is_down = path == adapter.down_proj
             linear = current.linear if isinstance(current, QuantLinear) else current
-            setattr(parent, name, QuantLinear(linear, act, online_block=r4_block if is_down else None,
-                                              online=r4 and is_down))
+            wrapped = QuantLinear(linear, act, online_block=r4_block if is_down else None, online=r4 and is_down)
+            if isinstance(current, QuantLinear):
+                wrapped.input_shift = current.input_shift
+            setattr(parent, name, wrapped)
         layer.get_submodule(adapter.attention).conqur_attention = attention
     model.config._attn_implementation = ATTN_IMPL
     text_config = getattr(model.config, "text_config", None)

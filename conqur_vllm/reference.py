@@ -1,7 +1,8 @@
 """The project's own reference forward of a conqur checkpoint (pure torch + transformers, no vLLM).
 
 Loads the packed INT4 weights (and the packed embedding / LM head), dequantizes them, and installs the online transforms and activation/KV
-fake-quantizers that ``config.json`` describes: the function the served model must reproduce.
+fake-quantizers (with the input shifts) that ``config.json`` describes: the function the served model must
+reproduce.
 """
 
 from __future__ import annotations
@@ -69,4 +70,10 @@ def load_reference_model(ckpt_dir: str | Path, dtype: torch.dtype = torch.float3
     fake_quant.install(model, adapter, act=fake_quant.ActQuant(bits=a_bits, clip_ratio=qcfg.activations.clip_ratio),
                        attention=fake_quant.AttentionSim(r3=r3 is not None, kv=kv),
                        r4=r4 is not None, r4_block=None if r4 is None else r4.block)
+    for name, module in model.named_modules():
+        if isinstance(module, fake_quant.QuantLinear) and qcfg.has_input_shift(name):
+            if f"{name}.input_shift" not in tensors:
+                raise ValueError(f"{ckpt_dir}: config.json shifts the input of {name} but the checkpoint has no "
+                                 f"{name}.input_shift; rewrite it with `conqur calibrate`")
+            module.input_shift = tensors[f"{name}.input_shift"].to(torch.float32)
     return model, qcfg

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conqur_vllm.checkpoint import quantized_linear_tensors, read_checkpoint_tensors, write_checkpoint
-from conqur_vllm.config import CheckpointConfigError, ConqurQuantConfig
+from conqur_vllm.config import LINEAR_INPUT_GROUP, CheckpointConfigError, ConqurQuantConfig
 from conqur_vllm.formats import unpack_int32
 from conqur_vllm.hadamard import block_hadamard_matrix, hadamard_matrix
 from conqur_vllm.kernels import int_matmul, make_int_gemm, onednn_available
@@ -213,18 +213,23 @@ def _dequantized(qt) -> torch.Tensor:
     return (q.view(q.shape[0], s.shape[1], -1) * s.unsqueeze(-1)).view(q.shape)
 
 
-def _build_layer(method, w: torch.Tensor, bias: torch.Tensor | None, group_size: int | None, bits: int = 4):
+def _build_layer(method, w: torch.Tensor, bias: torch.Tensor | None, group_size: int | None, bits: int = 4,
+                 shift: torch.Tensor | None = None):
     """Create the layer's parameters through the method, fill them like vLLM's loader does, post-process."""
     n, k = w.shape
     qt = quantize_weight_rtn(w, QuantSpec(bits, group_size=group_size), clip_search=False)
     tensors = quantized_linear_tensors("layer", qt, bias)
+    if shift is not None:
+        tensors["layer.input_shift"] = shift
     layer = nn.Module()
 
     def loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
         param.data.copy_(loaded)
 
     method.create_weights(layer, k, [n], k, n, torch.float32, weight_loader=loader)
-    for name in ("weight_packed", "weight_scale", "weight_shape"):
+    names = ["weight_packed", "weight_scale", "weight_shape"] + (["input_shift"] if shift is not None else [])
+    assert hasattr(layer, "input_shift") == (shift is not None)
+    for name in names:
         param = getattr(layer, name)
         param.weight_loader(param, tensors[f"layer.{name}"])
     method.process_weights_after_loading(layer)
@@ -239,6 +244,12 @@ LINEAR_CASES = {
     "R4 down_proj": {"prefix": "model.layers.1.mlp.down_proj", "group_size": None, "act_bits": 4, "r4": 0},
     "R4 block-64 + group-32": {"prefix": "model.layers.1.mlp.down_proj", "group_size": 32, "act_bits": 4, "r4": 64},
     "W4A16 weight-only": {"prefix": "model.layers.0.mlp.down_proj", "group_size": None, "act_bits": 16},
+    "shifted qkv + bias": {"prefix": "model.layers.0.self_attn.qkv_proj", "group_size": None, "act_bits": 4,
+                           "bias": True, "shift": True},
+    "shifted o_proj W4A8 group-64": {"prefix": "model.layers.0.self_attn.o_proj", "group_size": 64, "act_bits": 8,
+                                     "shift": True},
+    "shifted R4 down_proj": {"prefix": "model.layers.1.mlp.down_proj", "group_size": None, "act_bits": 4, "r4": 0,
+                             "shift": True},
 }
 
 
@@ -251,13 +262,17 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
     m, k, n = 40, 256, 192
     g = torch.Generator().manual_seed(len(case))
     transforms = [] if "r4" not in c else [{"site": "down_proj_input", "size": k, "block": c["r4"] or None}]
-    config = _plugin_config(weights={"group_size": c["group_size"]}, activations={"num_bits": c["act_bits"]},
+    shifted = ["qkv", "o_proj", "gate_up", "down_proj"] if c.get("shift") else []
+    config = _plugin_config(weights={"group_size": c["group_size"]},
+                            activations={"num_bits": c["act_bits"], "shifted_inputs": shifted},
                             online_transforms=transforms)
     method = ConqurLinearMethod(config, c["prefix"], backend=backend)
     w = torch.randn(n, k, generator=g) / math.sqrt(k)
     bias = torch.randn(n, generator=g) if c.get("bias") else None
-    layer, w_deq = _build_layer(method, w, bias, c["group_size"])
-    x = torch.randn(2, m // 2, k, generator=g) * 2
+    offset = 3 * torch.randn(k, generator=g)  # a common component of every token, as after RMSNorm + R1
+    shift = offset + 0.1 * torch.randn(k, generator=g) if c.get("shift") else None
+    layer, w_deq = _build_layer(method, w, bias, c["group_size"], shift=shift)
+    x = torch.randn(2, m // 2, k, generator=g) * 2 + offset
     x[0, 0, 7] = 40.0  # an outlier channel
 
     out = method.apply(layer, x, bias)
@@ -266,10 +281,14 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
     xr = x.reshape(-1, k).double()
     if "r4" in c:
         xr = xr @ (block_hadamard_matrix(k, c["r4"]) if c["r4"] else hadamard_matrix(k))
-    xq = xr if c["act_bits"] == 16 else fake_quantize(xr.float(), activation_spec(c["act_bits"], 0.9)).double()
+    mu = 0 if shift is None else shift.double()
+    xq = xr if c["act_bits"] == 16 else fake_quantize((xr - mu).float(), activation_spec(c["act_bits"], 0.9)).double() + mu
     ref = xq @ w_deq.t() + (0 if bias is None else bias.double())
     err = rel_err(ref, out.reshape(-1, n))
     assert err < 1e-5, f"{case}: relative error {err:.2e}"
+    if shift is not None:  # the same layer without its shift quantizes x itself: measurably different
+        unshifted = fake_quantize(xr.float(), activation_spec(c["act_bits"], 0.9)).double() @ w_deq.t()
+        assert rel_err(unshifted + (0 if bias is None else bias.double()), out.reshape(-1, n)) > 10 * max(err, 1e-7)
     # the check can fail: the same weights without activation quantization (or without R4) are far off
     if c["act_bits"] < 16:
         assert rel_err(xr @ w_deq.t() + (0 if bias is None else bias.double()), out.reshape(-1, n)) > 1e-2
@@ -312,15 +331,30 @@ def test_fused_r4_quantization_path_matches_float64(vllm_tp1: None, case: str, m
     assert rel_err(ref, out) < 1e-5
 
 
-def test_linear_method_bfloat16_input(vllm_tp1: None) -> None:
+@pytest.mark.parametrize("shifted", [False, True])
+def test_linear_method_bfloat16_input(vllm_tp1: None, shifted: bool) -> None:
     from conqur_vllm.vllm_plugin.linear_method import ConqurLinearMethod
 
-    method = ConqurLinearMethod(_plugin_config(), "model.layers.0.self_attn.o_proj")
+    config = _plugin_config(activations={"shifted_inputs": ["o_proj"] if shifted else []})
+    method = ConqurLinearMethod(config, "model.layers.0.self_attn.o_proj")
+    method_dtype = torch.bfloat16
     w = torch.randn(128, 256) / 16
-    layer, w_deq = _build_layer(method, w, None, None)
-    x = torch.randn(17, 256).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    offset = 3 * torch.randn(256, generator=g)
+    shift = (offset + 0.1 * torch.randn(256, generator=g)) if shifted else None
+    n, k = w.shape
+    qt = quantize_weight_rtn(w, QuantSpec(4), clip_search=False)
+    tensors = quantized_linear_tensors("layer", qt, None)
+    layer = nn.Module()
+    method.create_weights(layer, k, [n], k, n, method_dtype, weight_loader=lambda p, t: p.data.copy_(t))
+    for name in ["weight_packed", "weight_scale", "weight_shape"] + (["input_shift"] if shifted else []):
+        getattr(layer, name).data.copy_(shift if name == "input_shift" else tensors[f"layer.{name}"])
+    method.process_weights_after_loading(layer)
+    x = (torch.randn(17, 256, generator=g) + offset).to(torch.bfloat16)
     out = method.apply(layer, x)
-    ref = fake_quantize(x.float(), activation_spec(4, 0.9)).double() @ w_deq.t()
+    mu = 0 if shift is None else shift.to(torch.bfloat16).double()
+    xs = (x.double() - mu).to(torch.bfloat16).float()
+    ref = (fake_quantize(xs, activation_spec(4, 0.9)).double() + mu) @ _dequantized(qt).t()
     assert out.dtype == torch.bfloat16 and rel_err(ref, out) < 1e-2
 
 
@@ -591,11 +625,12 @@ GEN_TOKENS = 8
 
 def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = None, act_bits: int = 4,
                           r4_block: int | None = 0, r3: bool = True, kv_bits: int = 4, seed: int = 0,
-                          gain: float = 1.5, vocab: bool = False) -> Path:
+                          gain: float = 1.5, vocab: bool = False, shift: bool = False) -> Path:
     """A random decoder quantized by RTN (``quant.py``), packed and written by ``checkpoint.write_checkpoint``.
 
     ``r4_block``: None = no R4, 0 = one Hadamard over the intermediate size, else the block size.
     ``vocab``: INT4 embedding (groups of 32) and INT8 LM head, packed like the linears.
+    ``shift``: an ``input_shift`` per q/k/v, o_proj and gate/up input (one vector per input group).
     Weights are drawn with enough scale that the next-token distributions are far from uniform.
     """
     from transformers import AutoModelForCausalLM
@@ -617,6 +652,11 @@ def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = No
             bias = None if b is None else 0.3 * torch.randn(b.shape, generator=g)
             qt = quantize_weight_rtn(w, QuantSpec(4, group_size=group_size), clip_search=False)
             tensors.update(quantized_linear_tensors(module, qt, bias))
+            group = LINEAR_INPUT_GROUP[module.rsplit(".", 1)[-1]]
+            if shift and group != "down_proj":  # q/k/v (and gate/up) read one tensor: one vector for the group
+                seed_of_group = 10 * int(module.split(".")[2]) + ("qkv", "o_proj", "gate_up").index(group)
+                shift_g = torch.Generator().manual_seed(seed_of_group)
+                tensors[f"{module}.input_shift"] = 0.5 * torch.randn(p.shape[1], generator=shift_g)
         elif name.endswith(".bias"):
             continue
         elif "norm" in name:
@@ -637,7 +677,8 @@ def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = No
     quant = ConqurQuantConfig.from_dict({
         "quant_method": "conqur", "method": "quarot",
         "weights": {"group_size": group_size, "quantizer": "rtn", "clip_search": False},
-        "activations": {"num_bits": act_bits}, "kv_cache": {"num_bits": kv_bits},
+        "activations": {"num_bits": act_bits, "shifted_inputs": ["qkv", "o_proj", "gate_up"] if shift else []},
+        "kv_cache": {"num_bits": kv_bits},
         "online_transforms": transforms,
         "vocab": {"embed_bits": 4, "head_bits": 8, "group_size": 32} if vocab else None,
     })
@@ -669,6 +710,8 @@ def reference_log_softmax(ckpt: Path, sequences: list[list[int]], *, act: bool =
     state = {}
     for name, p in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
+        if name.endswith(".input_shift"):
+            continue
         if name.endswith(".weight") and f"{module}.weight_packed" in tensors:
             bits, _ = qc.packed_weight_args(module)
             codes = unpack_int32(tensors[f"{module}.weight_packed"], bits, p.shape[1]).double()
@@ -683,6 +726,9 @@ def reference_log_softmax(ckpt: Path, sequences: list[list[int]], *, act: bool =
             attention=AttentionSim(r3=r3_t is not None, **({"kv": Fp8RoundTrip()} if kv_fp8 else {})),
             r4=r4 and r4_t is not None,
             r4_block=r4_t.block if r4_t else None)
+    for name, module in model.named_modules():
+        if f"{name}.input_shift" in tensors and bits is not None:
+            module.input_shift = tensors[f"{name}.input_shift"].float()
     with torch.no_grad():
         return [model(torch.tensor([ids])).logits[0].log_softmax(-1) for ids in sequences]
 
@@ -820,7 +866,7 @@ def entry_point_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def llama_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama-w4a4", "llama")
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama-w4a4", "llama", shift=True)
 
 
 @pytest.mark.slow
@@ -866,11 +912,12 @@ def test_vllm_mistral_bfloat16_w4a8(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_vllm_tensor_parallel_2_matches_single_device_reference(tmp_path: Path) -> None:
-    """TP=2 shards qkv/gate_up by output and o/down by input (packed int4 and group scales sliced by vLLM's
-    parameter classes); R4 blocks stay inside a shard and row maxima are all-reduced, so it equals TP=1. The
+    """TP=2 shards qkv/gate_up by output and o/down by input (packed int4, group scales and input shifts sliced by
+    vLLM's parameter classes; each rank adds its part of the shift's bias before the all-reduce); R4 blocks stay
+    inside a shard and row maxima are all-reduced, so it equals TP=1. The
     INT4 embedding and INT8 LM head shard by vocabulary rows."""
     ckpt = write_tiny_checkpoint(tmp_path / "llama-tp", "llama", group_size=64, r4_block=256, kv_bits=16, seed=3,
-                                 vocab=True)
+                                 vocab=True, shift=True)
     result = vllm_in_subprocess(
         tmp_path,
         {"model": ckpt, "eager": True, "dtype": "float32", "prompts": PROMPTS, "entry_point": True,

@@ -92,7 +92,8 @@ class _SiteRecorder:
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, n_kv: int, head_dim: int,
-                 max_vectors: int) -> None:
+                 max_vectors: int, center: bool = False) -> None:
+        self.center = center
         self.residual: list[torch.Tensor] = []
         self.values: dict[int, torch.Tensor] = {}
         self.handles = []
@@ -116,6 +117,9 @@ class _SiteRecorder:
         if self.paused:
             return
         x = args[0].detach().reshape(-1, args[0].shape[-1])
+        if self.center:  # what a shifted quantizer reads: the normalized input minus its mean over the batch
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            x = x - x.mean(0)
         if x.shape[0] > self.per_site:  # indexing copies: the full input is not kept alive
             self.residual.append(x[torch.randperm(x.shape[0], generator=self.generator)[: self.per_site]])
         else:
@@ -202,7 +206,7 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
             use_quantizers(learner_act, learner_attn, learner_weights)
 
     use_quantizers(learner_act, learner_attn, learner_weights)
-    recorder = _SiteRecorder(model, adapter, n_kv, hd, opts.max_vectors)
+    recorder = _SiteRecorder(model, adapter, n_kv, hd, opts.max_vectors, center=bool(opts.center))
     decoder = model.get_decoder()  # hidden states only: the LM head's logits are not needed here
     # the embedding (vocab x d) is rotated on its output while learning and fused once at the end
     pending = torch.eye(cfg.hidden_size, dtype=torch.float64)

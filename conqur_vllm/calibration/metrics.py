@@ -26,12 +26,14 @@ def activation_sqnr(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor) 
                 continue
 
             def hook(module, args, _site=site):
+                bits = getattr(module.act, "bits", None)
+                if bits is None or bits >= 16:
+                    return
                 x = args[0]
+                q = module.transform_input(x)  # online transform, shift, quantizer
                 if module.online:
                     x = fake_quant.hadamard_transform(x, module.online_block)
-                q = module.act(x)
-                if q is not x:
-                    totals[_site].append(sqnr_db(x, q))
+                totals[_site].append(sqnr_db(x, q))
             handles.append(qlin.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():

@@ -31,6 +31,9 @@ class ConqurOptions(BaseModel):
                                     "start included) whose fake-quantized model has the least loss on held-out "
                                     "calibration windows")
     select_windows: int = Field(default=2, ge=1, description="held-out calibration windows scored per update")
+    center: bool | None = Field(
+        default=None, description="R1 sites: align each normalized residual input minus its mean over the mini-batch "
+                                  "(what an a_shift quantizer reads) with the corners; None: as a_shift")
     target: Literal["corner", "grid"] = Field(
         default="corner", description="corner: sign(z)/sqrt(d) (the ConQuR rule); grid: the quantizer's INT grid")
 
@@ -53,6 +56,9 @@ class CalibrationOptions(BaseModel):
     a_clip: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] = Field(
         default="auto", description="activation clip ratio; auto (measured default): the grid ratio with the "
                                     "least quantization error on calibration data")
+    a_shift: bool = Field(
+        default=True, description="quantize the q/k/v, o_proj and gate/up inputs around their calibration mean "
+                                  "(served as a shift before the quantizer and a bias after the GEMM)")
     kv_clip: float = Field(default=0.95, gt=0.0, le=1.0)
     samples: int = Field(default=32, ge=1)
     seq_len: int = Field(default=512, ge=16)
@@ -64,10 +70,13 @@ class CalibrationOptions(BaseModel):
 
     @model_validator(mode="after")
     def _resolve_forward(self) -> CalibrationOptions:
-        """``conqur.quantized_forward=None`` becomes True for RTN weights and False for GPTQ (measured defaults)."""
+        """``conqur.quantized_forward=None`` becomes True for RTN weights and False for GPTQ, ``conqur.center=None``
+        follows ``a_shift`` (measured defaults)."""
         if self.conqur.quantized_forward is None:
             forward = self.weight_quantizer == "rtn"
             self.conqur = self.conqur.model_copy(update={"quantized_forward": forward})
+        if self.conqur.center is None:  # measured: with shifted inputs, centered corners win on every seed
+            self.conqur = self.conqur.model_copy(update={"center": self.a_shift and self.a_bits < 16})
         return self
 
     def fingerprint(self, source: str) -> str:

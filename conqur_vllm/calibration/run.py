@@ -86,6 +86,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             state.save_rotations(rot, learn_report)
         apply_rotations(model, adapter, rot)
         release_memory()
+        shifts = pipeline.set_input_shifts(model, opts, batches)  # before any resumed layer: same as a full run
         used, clip_choice = pipeline.resolve_activation_clip(model, opts, batches)  # a_clip "auto" -> a ratio
         pipeline.set_quantizers(model, used, r3=rot.r3)
 
@@ -115,7 +116,8 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
         times["quantize_weights"] = time.perf_counter() - t0
 
         metrics.set_stage("export")
-        result = pipeline.CalibrationResult(model, tokenizer, rot, qweights, options=used, clip_choice=clip_choice)
+        result = pipeline.CalibrationResult(model, tokenizer, rot, qweights, options=used, clip_choice=clip_choice,
+                                            input_shifts=shifts)
         sqnr = activation_sqnr(model, adapter, batches[0][:1])
         times["total"] = time.perf_counter() - t_start
         report = {
@@ -124,6 +126,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             "rotation_objective": learn_report,
             "activation_sqnr_db": sqnr,
             "activation_clip": clip_choice.to_dict() if clip_choice else {"chosen": used.a_clip},
+            "activation_shift": shifts.report(),
             "stage_seconds": times,
             "samples_used": opts.samples,
             "tokens_used": opts.samples * opts.seq_len,

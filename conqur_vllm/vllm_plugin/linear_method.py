@@ -11,7 +11,8 @@ freed. Resident per layer: float32 scales plus the int8 codes, 1 byte per weight
 (``onednn``) or the parameter ``weight_int`` (``reference``), or both (``hybrid``, the CPU default: oneDNN for
 prefill, the reference GEMM for fewer than 16 tokens).
 
-Forward: [R4 Hadamard on down_proj's input] -> per-token quantization (``conqur::quantize_per_token``; for a
+Forward: [R4 Hadamard on down_proj's input] -> [minus the input shift mu, where ``activations.shifted_inputs``
+names the linear's group; ``W mu`` (from the dequantized weights, float32) joins the bias] -> per-token quantization (``conqur::quantize_per_token``; for a
 row-parallel shard the row maxima are all-reduced over the tensor-parallel ranks first, so every rank uses the
 single-device scale) -> integer GEMM with int32 accumulation and the scale epilogue (+ bias) -> output in the
 input dtype.
@@ -33,6 +34,7 @@ from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
     PackedvLLMParameter,
+    RowvLLMParameter,
 )
 
 from conqur_vllm.config import CheckpointConfigError
@@ -72,6 +74,7 @@ class ConqurLinearMethod(LinearMethodBase):
         self.clip_ratio = ckpt.activations.clip_ratio
         r4 = ckpt.transform("down_proj_input")
         self.r4 = r4 if r4 is not None and prefix.rsplit(".", 1)[-1] == R4_LAYER else None
+        self.shifted = ckpt.has_input_shift(prefix)
 
     # --- weights -------------------------------------------------------------------------------------------
     def create_weights(
@@ -118,6 +121,10 @@ class ConqurLinearMethod(LinearMethodBase):
         layer.register_parameter("weight_packed", packed)
         layer.register_parameter("weight_scale", _scale_parameter(n_out, n_groups, grouped, weight_loader))
         layer.register_parameter("weight_shape", shape)
+        if self.shifted:  # the same vector for every shard of a merged layer; sliced along the input for TP rows
+            shift = RowvLLMParameter(data=torch.empty(input_size_per_partition, dtype=torch.float32), input_dim=0,
+                                     weight_loader=weight_loader)
+            layer.register_parameter("input_shift", shift)
         layer.input_size_per_partition = input_size_per_partition
         layer.output_size_per_partition = n_out
         layer.params_dtype = params_dtype
@@ -153,6 +160,11 @@ class ConqurLinearMethod(LinearMethodBase):
             layer.weight = nn.Parameter(dequant.view(codes.shape).to(layer.params_dtype), requires_grad=False)
             logger.info_once("conqur: activations.num_bits=16, weights dequantized to %s at load", layer.params_dtype)
             return
+        if self.shifted:  # W mu: this rank's part of the bias that puts the shift back (summed by the all-reduce)
+            shift = layer.input_shift.data.to(layer.params_dtype)  # the bias uses the shift as subtracted
+            dequant = codes.to(torch.float32).view(codes.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)
+            layer.input_shift = nn.Parameter(shift, requires_grad=False)
+            layer.shift_bias = nn.Parameter(dequant.view(codes.shape) @ shift.to(torch.float32), requires_grad=False)
         gemm = make_int_gemm(codes, scale, layer.params_dtype, self.backend)
         if gemm.b_q is not None:  # the codes stay resident: show them as a parameter of the layer
             layer.weight_int = nn.Parameter(gemm.b_q, requires_grad=False)
@@ -164,8 +176,9 @@ class ConqurLinearMethod(LinearMethodBase):
     # --- forward -------------------------------------------------------------------------------------------
     def fuse_r4_quant(self, layer: nn.Module, x: Tensor) -> bool:
         """R4, absmax and quantization in one pass (``conqur::hadamard_quantize_per_token``): on CUDA, where it
-        is one Triton kernel, unless the row is split across ranks (its maximum then needs an all-reduce)."""
-        return x.is_cuda and self.act_bits < 16 and not layer.conqur_sharded_input
+        is one Triton kernel, unless the row is split across ranks (its maximum then needs an all-reduce) or a
+        shift comes between the transform and the quantizer."""
+        return x.is_cuda and self.act_bits < 16 and not layer.conqur_sharded_input and not self.shifted
 
     def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
         shape = x.shape
@@ -180,6 +193,9 @@ class ConqurLinearMethod(LinearMethodBase):
             if self.act_bits >= 16:
                 out = F.linear(x2, layer.weight, bias)
             else:
+                if self.shifted:
+                    x2 = x2 - layer.input_shift.to(x2.dtype)
+                    bias = layer.shift_bias if bias is None else layer.shift_bias + bias.to(torch.float32)
                 absmax = row_absmax(x2, layer.conqur_sharded_input)
                 a_q, a_scale = torch.ops.conqur.quantize_per_token(x2, self.act_bits, self.clip_ratio, absmax)
                 out = getattr(layer, GEMM_ATTR)(a_q, a_scale, bias)
