@@ -254,7 +254,8 @@ def test_conqur_flag_sets_learner_options():
                                       "--steps", "3"])
     conqur = _options(args).conqur
     assert (conqur.alternations, conqur.target, conqur.steps) == (1, "grid", 3)
-    assert _options(build_parser().parse_args(["calibrate"])).conqur == ConqurOptions(quantized_forward=False)
+    default = _options(build_parser().parse_args(["calibrate"])).conqur
+    assert default == ConqurOptions(quantized_forward=False, center=True)  # GPTQ + a_shift resolve both
 
 
 def _cli(src, out, text_file):
