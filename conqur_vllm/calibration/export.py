@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from conqur_vllm import __version__, fake_quant
-from conqur_vllm.calibration.act_shift import SHIFTED_GROUPS, shifted_linears
+from conqur_vllm import __version__
 from conqur_vllm.calibration.options import CalibrationOptions
 from conqur_vllm.calibration.pipeline import CalibrationError, CalibrationResult
 from conqur_vllm.calibration.vocab import vocab_args
@@ -28,19 +27,6 @@ from conqur_vllm.rotation.rotations import head_dim_of
 _HF_RUNTIME_KEYS = ("_attn_implementation", "_attn_implementation_autoset", "quantization_config", "dtype")
 
 
-def shifted_groups(result: CalibrationResult) -> tuple[str, ...]:
-    """The input groups whose linears carry an ``input_shift`` in this result (all of SHIFTED_GROUPS or none)."""
-    shifted = {name.rsplit(".", 1)[-1] for name, m in result.model.named_modules()
-               if isinstance(m, fake_quant.QuantLinear) and m.input_shift is not None}
-    if not shifted:
-        return ()
-    expected = set(shifted_linears(get_adapter(result.model.config)))
-    if shifted != {p.rsplit(".", 1)[-1] for p in expected}:
-        raise CalibrationError(f"input shifts on {sorted(shifted)} do not match the served groups {SHIFTED_GROUPS}; "
-                               "install them with pipeline.set_input_shifts")
-    return SHIFTED_GROUPS
-
-
 def quant_config_for(result: CalibrationResult, opts: CalibrationOptions, source: str) -> ConqurQuantConfig:
     cfg = result.model.config
     transforms = []
@@ -54,7 +40,7 @@ def quant_config_for(result: CalibrationResult, opts: CalibrationOptions, source
         weights=WeightQuantArgs(num_bits=opts.w_bits, group_size=opts.group_size, quantizer=opts.weight_quantizer,
                                 clip_search=opts.clip_search),
         activations=ActivationQuantArgs(num_bits=opts.a_bits, clip_ratio=opts.a_clip,
-                                        shifted_inputs=shifted_groups(result)),
+                                        shifted_inputs=result.input_shifts.groups if result.input_shifts else ()),
         kv_cache=KVCacheQuantArgs(num_bits=opts.kv_bits, clip_ratio=opts.kv_clip),
         online_transforms=tuple(transforms),
         vocab=vocab_args(opts, get_adapter(cfg)),

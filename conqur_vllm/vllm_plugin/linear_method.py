@@ -52,6 +52,11 @@ R4_LAYER = "down_proj"
 GEMM_ATTR = "conqur_gemm"
 
 
+def _dequantize(codes: Tensor, scale: Tensor) -> Tensor:
+    """Float32 ``[out, in]`` weights from int8 codes and per-channel or per-group scales ``[out, groups]``."""
+    return (codes.to(torch.float32).view(codes.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)).view(codes.shape)
+
+
 def _scale_parameter(n_out: int, n_groups: int, grouped: bool, weight_loader: Any) -> BasevLLMParameter:
     data = torch.empty(n_out, n_groups, dtype=torch.float32)
     if grouped:
@@ -156,15 +161,13 @@ class ConqurLinearMethod(LinearMethodBase):
         del layer.weight_packed, layer.weight_shape
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
         if self.act_bits >= 16:
-            dequant = codes.to(torch.float32).view(codes.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)
-            layer.weight = nn.Parameter(dequant.view(codes.shape).to(layer.params_dtype), requires_grad=False)
+            layer.weight = nn.Parameter(_dequantize(codes, scale).to(layer.params_dtype), requires_grad=False)
             logger.info_once("conqur: activations.num_bits=16, weights dequantized to %s at load", layer.params_dtype)
             return
         if self.shifted:  # W mu: this rank's part of the bias that puts the shift back (summed by the all-reduce)
             shift = layer.input_shift.data.to(layer.params_dtype)  # the bias uses the shift as subtracted
-            dequant = codes.to(torch.float32).view(codes.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)
             layer.input_shift = nn.Parameter(shift, requires_grad=False)
-            layer.shift_bias = nn.Parameter(dequant.view(codes.shape) @ shift.to(torch.float32), requires_grad=False)
+            layer.shift_bias = nn.Parameter(_dequantize(codes, scale) @ shift.to(torch.float32), requires_grad=False)
         gemm = make_int_gemm(codes, scale, layer.params_dtype, self.backend)
         if gemm.b_q is not None:  # the codes stay resident: show them as a parameter of the layer
             layer.weight_int = nn.Parameter(gemm.b_q, requires_grad=False)
