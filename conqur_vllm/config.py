@@ -50,10 +50,11 @@ LINEAR_INPUT_GROUP: dict[str, str] = {
 
 
 class ActivationQuantArgs(_Strict):
-    """Dynamic per-token symmetric activation quantization at every decoder linear input."""
+    """Dynamic per-token activation quantization at every decoder linear input: symmetric, or asymmetric with a
+    zero point per token (``symmetric: false``; the served GEMM subtracts ``scale * zero * sum_k W[n, k]``)."""
 
     num_bits: Literal[4, 8, 16] = 4
-    symmetric: Literal[True] = True
+    symmetric: bool = True
     granularity: Literal["token"] = "token"
     dynamic: Literal[True] = True
     clip_ratio: float = Field(default=0.9, gt=0.0, le=1.0)

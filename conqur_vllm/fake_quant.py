@@ -27,15 +27,16 @@ ATTN_IMPL = "conqur_sdpa"
 
 @dataclass(frozen=True)
 class ActQuant:
-    """Per-token symmetric activation fake-quant (bits None = off)."""
+    """Per-token activation fake-quant, symmetric or asymmetric (a zero point per token; bits None = off)."""
 
     bits: int | None = 4
     clip_ratio: float = 0.9
+    symmetric: bool = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits is None or self.bits >= 16:
             return x
-        return fake_quantize(x, QuantSpec(bits=self.bits, symmetric=True, clip_ratio=self.clip_ratio))
+        return fake_quantize(x, QuantSpec(bits=self.bits, symmetric=self.symmetric, clip_ratio=self.clip_ratio))
 
 
 @dataclass(frozen=True)

@@ -72,9 +72,9 @@ class QuantizedTensor(NamedTuple):
     spec: QuantSpec
 
 
-def activation_spec(bits: int = 4, clip_ratio: float = 0.9) -> QuantSpec:
-    """Per-token symmetric activation quantization (last dim = hidden)."""
-    return QuantSpec(bits=bits, symmetric=True, group_size=None, clip_ratio=clip_ratio)
+def activation_spec(bits: int = 4, clip_ratio: float = 0.9, symmetric: bool = True) -> QuantSpec:
+    """Per-token activation quantization (last dim = hidden), symmetric or with a per-token zero point."""
+    return QuantSpec(bits=bits, symmetric=symmetric, group_size=None, clip_ratio=clip_ratio)
 
 
 def kv_spec(

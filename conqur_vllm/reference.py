@@ -67,7 +67,8 @@ def load_reference_model(ckpt_dir: str | Path, dtype: torch.dtype = torch.float3
         bits=None if qcfg.kv_cache.num_bits >= 16 else qcfg.kv_cache.num_bits,
         symmetric=qcfg.kv_cache.symmetric, clip_ratio=qcfg.kv_cache.clip_ratio,
         group_size=qcfg.kv_cache.group_size)
-    fake_quant.install(model, adapter, act=fake_quant.ActQuant(bits=a_bits, clip_ratio=qcfg.activations.clip_ratio),
+    fake_quant.install(model, adapter, act=fake_quant.ActQuant(bits=a_bits, clip_ratio=qcfg.activations.clip_ratio,
+                                                                   symmetric=qcfg.activations.symmetric),
                        attention=fake_quant.AttentionSim(r3=r3 is not None, kv=kv),
                        r4=r4 is not None, r4_block=None if r4 is None else r4.block)
     for name, module in model.named_modules():

@@ -30,11 +30,12 @@ def _rotated_quarot_model(model_dir, text_file):
     return model, ids
 
 
-def test_auto_clip_is_the_grid_ratio_with_least_error(tiny_llama_dir, text_file):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_auto_clip_is_the_grid_ratio_with_least_error(tiny_llama_dir, text_file, symmetric: bool):
     model, ids = _rotated_quarot_model(tiny_llama_dir, text_file)
     linears = [m for m in model.modules() if isinstance(m, fake_quant.QuantLinear)]
     acts = [m.act for m in linears]
-    choice = choose_activation_clip(model, ids, bits=4)
+    choice = choose_activation_clip(model, ids, bits=4, symmetric=symmetric)
     assert all(m.act is a for m, a in zip(linears, acts, strict=True))  # quantizers restored
 
     # independent reference: record every linear's input (after R4) and quantize it with the integer quantizer
@@ -48,8 +49,9 @@ def test_auto_clip_is_the_grid_ratio_with_least_error(tiny_llama_dir, text_file)
     for clip in ACT_CLIP_GRID:
         total = 0.0
         for x in seen:
-            qt = quantize(x.float(), activation_spec(4, clip))
-            deq = qt.q.double() * qt.scale.double()
+            qt = quantize(x.float(), activation_spec(4, clip, symmetric))
+            zero = 0 if symmetric else qt.zero.double()
+            deq = (qt.q.double() - zero) * qt.scale.double()
             total += float(((deq - x).pow(2).sum(-1) / x.pow(2).sum(-1)).mean())
         expected.append(total)
     got = [choice.errors[c] for c in ACT_CLIP_GRID]

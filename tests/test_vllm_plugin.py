@@ -64,6 +64,36 @@ def test_quantize_per_token_matches_quant_module(bits: int, dtype: torch.dtype) 
     assert float(scale[5]) == 1.0 and not q[5].any()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_per_token_asym_matches_quant_module(bits: int, dtype: torch.dtype) -> None:
+    """Signed codes and zero points are the asymmetric rule's unsigned ones minus 2^(b-1); x ~ scale (q - zero)."""
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(37, 96, generator=g) * 3 + torch.randn(37, 1, generator=g) * 4).to(dtype)
+    x[5] = 0.0
+    x[6] = x[6].abs() + 1  # all positive: the range is widened to include 0
+    q, scale, zero = torch.ops.conqur.quantize_per_token_asym(x, bits, 0.9)
+    ref = quantize(x, activation_spec(bits, 0.9, symmetric=False))
+    half = 1 << (bits - 1)
+    assert q.dtype == torch.int8 and scale.shape == zero.shape == (37, 1) and zero.dtype == torch.float32
+    assert torch.equal(q.int() + half, ref.q.int()) and torch.equal(scale, ref.scale)
+    assert torch.equal(zero + half, ref.zero.float()) and float(zero[6]) == -half
+    assert torch.equal(scale * (q.float() - zero), fake_quantize(x.float(), activation_spec(bits, 0.9, False)))
+    # can fail: on rows with an offset the symmetric rule is worse (unclipped, so only the grid differs)
+    sym = fake_quantize(x.float(), activation_spec(bits, 1.0))
+    asym = fake_quantize(x.float(), activation_spec(bits, 1.0, symmetric=False))
+    assert rel_err(x.float(), asym) < 0.8 * rel_err(x.float(), sym)
+    assert float(scale[5]) == 1.0 and torch.equal(q[5].float(), zero[5].expand(96))
+
+
+def test_quantize_per_token_asym_uses_given_row_range() -> None:
+    x = torch.randn(4, 64)
+    lo, hi = 2 * x.amin(dim=-1, keepdim=True), 2 * x.amax(dim=-1, keepdim=True)
+    q, scale, zero = torch.ops.conqur.quantize_per_token_asym(x, 4, 1.0, lo, hi)
+    assert torch.allclose(scale, (hi - lo) / 15)
+    assert torch.equal(zero, torch.round(-lo / scale) - 8) and int(q.min()) > -8 and int(q.max()) < 7
+
+
 def test_quantize_per_token_uses_given_row_maxima() -> None:
     x = torch.randn(4, 64)
     absmax = 2 * x.abs().amax(dim=-1, keepdim=True)
@@ -156,6 +186,9 @@ def test_custom_ops_pass_opcheck() -> None:
     torch.library.opcheck(torch.ops.conqur.quantize_per_token.default, (x, 4, 0.9))
     torch.library.opcheck(torch.ops.conqur.quantize_per_token.default, (x, 8, 1.0, x.abs().amax(-1, keepdim=True)))
     torch.library.opcheck(torch.ops.conqur.int_scaled_mm.default, (a, a_s, b, b_s, torch.randn(32), torch.float32))
+    torch.library.opcheck(torch.ops.conqur.quantize_per_token_asym.default, (x, 4, 0.9))
+    torch.library.opcheck(torch.ops.conqur.quantize_per_token_asym.default,
+                          (x, 8, 1.0, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)))
     torch.library.opcheck(torch.ops.conqur.hadamard_transform.default, (x, 0))
     torch.library.opcheck(torch.ops.conqur.hadamard_transform.default, (x, 16))
 
@@ -177,10 +210,14 @@ def test_ops_under_torch_compile(backend: str) -> None:
     w = torch.randint(-8, 8, (48, 128), dtype=torch.int8, generator=g)
     gemm = make_int_gemm(w.clone(), torch.rand(48, 2, generator=g) + 0.1, torch.float32, backend)
 
+    w_sum = torch.randn(48, generator=g)
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = torch.ops.conqur.hadamard_transform(x * 2.0, 32)
         a, a_s = torch.ops.conqur.quantize_per_token(x, 4, 0.9)
-        return F.silu(gemm(a, a_s, None))
+        b, b_s, b_z = torch.ops.conqur.quantize_per_token_asym(x + 1.0, 4, 0.9)
+        asym = gemm(b, b_s, None).addr(b_s.view(-1) * b_z.view(-1), w_sum, alpha=-1)
+        return F.silu(gemm(a, a_s, None)) + asym
 
     x = torch.randn(24, 128, generator=g)
     eager = forward(x)
@@ -250,6 +287,14 @@ LINEAR_CASES = {
                                      "shift": True},
     "shifted R4 down_proj": {"prefix": "model.layers.1.mlp.down_proj", "group_size": None, "act_bits": 4, "r4": 0,
                              "shift": True},
+    "asymmetric qkv + bias": {"prefix": "model.layers.0.self_attn.qkv_proj", "group_size": None, "act_bits": 4,
+                              "bias": True, "asym": True},
+    "asymmetric group-64 gate_up": {"prefix": "model.layers.0.mlp.gate_up_proj", "group_size": 64, "act_bits": 4,
+                                    "asym": True},
+    "asymmetric shifted o_proj W4A8 group-64": {"prefix": "model.layers.0.self_attn.o_proj", "group_size": 64,
+                                                "act_bits": 8, "shift": True, "asym": True},
+    "asymmetric shifted R4 down_proj": {"prefix": "model.layers.1.mlp.down_proj", "group_size": None, "act_bits": 4,
+                                        "r4": 0, "shift": True, "asym": True},
 }
 
 
@@ -264,7 +309,8 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
     transforms = [] if "r4" not in c else [{"site": "down_proj_input", "size": k, "block": c["r4"] or None}]
     shifted = ["qkv", "o_proj", "gate_up", "down_proj"] if c.get("shift") else []
     config = _plugin_config(weights={"group_size": c["group_size"]},
-                            activations={"num_bits": c["act_bits"], "shifted_inputs": shifted},
+                            activations={"num_bits": c["act_bits"], "shifted_inputs": shifted,
+                                         "symmetric": not c.get("asym")},
                             online_transforms=transforms)
     method = ConqurLinearMethod(config, c["prefix"], backend=backend)
     w = torch.randn(n, k, generator=g) / math.sqrt(k)
@@ -272,7 +318,7 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
     offset = 3 * torch.randn(k, generator=g)  # a common component of every token, as after RMSNorm + R1
     shift = offset + 0.1 * torch.randn(k, generator=g) if c.get("shift") else None
     layer, w_deq = _build_layer(method, w, bias, c["group_size"], shift=shift)
-    x = torch.randn(2, m // 2, k, generator=g) * 2 + offset
+    x = torch.randn(2, m // 2, k, generator=g) * 2 + offset + torch.randn(2, m // 2, 1, generator=g)
     x[0, 0, 7] = 40.0  # an outlier channel
 
     out = method.apply(layer, x, bias)
@@ -282,10 +328,15 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
     if "r4" in c:
         xr = xr @ (block_hadamard_matrix(k, c["r4"]) if c["r4"] else hadamard_matrix(k))
     mu = 0 if shift is None else shift.double()
-    xq = xr if c["act_bits"] == 16 else fake_quantize((xr - mu).float(), activation_spec(c["act_bits"], 0.9)).double() + mu
+    spec = None if c["act_bits"] == 16 else activation_spec(c["act_bits"], 0.9, symmetric=not c.get("asym"))
+    xq = xr if spec is None else fake_quantize((xr - mu).float(), spec).double() + mu
     ref = xq @ w_deq.t() + (0 if bias is None else bias.double())
     err = rel_err(ref, out.reshape(-1, n))
     assert err < 1e-5, f"{case}: relative error {err:.2e}"
+    if c.get("asym"):  # the same layer with symmetric codes computes something measurably different
+        xs = fake_quantize((xr - mu).float(), activation_spec(c["act_bits"], 0.9)).double() + mu
+        assert rel_err(xs @ w_deq.t() + (0 if bias is None else bias.double()), out.reshape(-1, n)) > 10 * max(err, 1e-7)
+        assert layer.weight_sum.shape == (n,)
     if shift is not None:  # the same layer without its shift quantizes x itself: measurably different
         unshifted = fake_quantize(xr.float(), activation_spec(c["act_bits"], 0.9)).double() @ w_deq.t()
         assert rel_err(unshifted + (0 if bias is None else bias.double()), out.reshape(-1, n)) > 10 * max(err, 1e-7)
@@ -331,11 +382,11 @@ def test_fused_r4_quantization_path_matches_float64(vllm_tp1: None, case: str, m
     assert rel_err(ref, out) < 1e-5
 
 
-@pytest.mark.parametrize("shifted", [False, True])
-def test_linear_method_bfloat16_input(vllm_tp1: None, shifted: bool) -> None:
+@pytest.mark.parametrize(("shifted", "asym"), [(False, False), (True, False), (True, True)])
+def test_linear_method_bfloat16_input(vllm_tp1: None, shifted: bool, asym: bool) -> None:
     from conqur_vllm.vllm_plugin.linear_method import ConqurLinearMethod
 
-    config = _plugin_config(activations={"shifted_inputs": ["o_proj"] if shifted else []})
+    config = _plugin_config(activations={"shifted_inputs": ["o_proj"] if shifted else [], "symmetric": not asym})
     method = ConqurLinearMethod(config, "model.layers.0.self_attn.o_proj")
     method_dtype = torch.bfloat16
     w = torch.randn(128, 256) / 16
@@ -354,7 +405,7 @@ def test_linear_method_bfloat16_input(vllm_tp1: None, shifted: bool) -> None:
     out = method.apply(layer, x)
     mu = 0 if shift is None else shift.to(torch.bfloat16).double()
     xs = (x.double() - mu).to(torch.bfloat16).float()
-    ref = (fake_quantize(xs, activation_spec(4, 0.9)).double() + mu) @ _dequantized(qt).t()
+    ref = (fake_quantize(xs, activation_spec(4, 0.9, symmetric=not asym)).double() + mu) @ _dequantized(qt).t()
     assert out.dtype == torch.bfloat16 and rel_err(ref, out) < 1e-2
 
 

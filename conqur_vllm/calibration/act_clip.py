@@ -1,6 +1,7 @@
 """Choose the activation clip ratio from calibration data (``a_clip="auto"``).
 
-Per-token INT-b activations use ``scale = clip * absmax / qmax``. A ratio below 1 trades a clipping error on the
+Per-token INT-b activations use ``scale = clip * absmax / qmax`` (asymmetric: ``clip * (max - min) / (2^b - 1)``,
+the range widened to include 0). A ratio below 1 trades a clipping error on the
 few largest entries of a token for a finer grid on all the others. The served format has one ratio for every
 decoder linear input, so one is chosen: the grid value with the least quantization error summed over all input
 sites, each site's error being the mean over tokens of ``|Q(x) - x|^2 / |x|^2`` on one calibration batch of the
@@ -36,8 +37,8 @@ class _ErrorProbe:
 
     Linears that read the same tensor (q/k/v, gate/up) each count as a site; its errors are computed once."""
 
-    def __init__(self, totals: torch.Tensor, bits: int, grid: tuple[float, ...]) -> None:
-        self.totals, self.bits, self.grid = totals, bits, grid
+    def __init__(self, totals: torch.Tensor, bits: int, grid: tuple[float, ...], symmetric: bool = True) -> None:
+        self.totals, self.bits, self.grid, self.symmetric = totals, bits, grid, symmetric
         self.last_input: torch.Tensor | None = None
         self.last_errors = torch.zeros_like(totals)
 
@@ -46,7 +47,7 @@ class _ErrorProbe:
             rows = x.detach().reshape(-1, x.shape[-1]).float()
             energy = rows.pow(2).sum(-1).clamp_min(1e-30)
             for i, clip in enumerate(self.grid):
-                err = (fake_quantize(rows, activation_spec(self.bits, clip)) - rows).pow(2).sum(-1)
+                err = (fake_quantize(rows, activation_spec(self.bits, clip, self.symmetric)) - rows).pow(2).sum(-1)
                 self.last_errors[i] = (err / energy).mean(dtype=torch.float64)
             self.last_input = x
         self.totals += self.last_errors
@@ -54,7 +55,7 @@ class _ErrorProbe:
 
 
 def choose_activation_clip(model: nn.Module, ids: torch.Tensor, bits: int,
-                           grid: tuple[float, ...] = ACT_CLIP_GRID) -> ClipChoice:
+                           grid: tuple[float, ...] = ACT_CLIP_GRID, symmetric: bool = True) -> ClipChoice:
     """Run ``ids`` through ``model`` (decoder linears wrapped by :func:`fake_quant.install`, activations in full
     precision) and return the grid ratio with the least summed relative quantization error."""
     linears = [m for m in model.modules() if isinstance(m, fake_quant.QuantLinear)]
@@ -62,7 +63,7 @@ def choose_activation_clip(model: nn.Module, ids: torch.Tensor, bits: int,
         raise ValueError("choose_activation_clip needs a model whose decoder linears are wrapped (apply_rotations)")
     totals = torch.zeros(len(grid), dtype=torch.float64)
     saved = [m.act for m in linears]
-    probe = _ErrorProbe(totals, bits, grid)
+    probe = _ErrorProbe(totals, bits, grid, symmetric)
     try:
         for m in linears:
             m.act = probe

@@ -39,7 +39,7 @@ def quant_config_for(result: CalibrationResult, opts: CalibrationOptions, source
         method=opts.method,
         weights=WeightQuantArgs(num_bits=opts.w_bits, group_size=opts.group_size, quantizer=opts.weight_quantizer,
                                 clip_search=opts.clip_search),
-        activations=ActivationQuantArgs(num_bits=opts.a_bits, clip_ratio=opts.a_clip,
+        activations=ActivationQuantArgs(num_bits=opts.a_bits, clip_ratio=opts.a_clip, symmetric=opts.a_symmetric,
                                         shifted_inputs=result.input_shifts.groups if result.input_shifts else ()),
         kv_cache=KVCacheQuantArgs(num_bits=opts.kv_bits, clip_ratio=opts.kv_clip),
         online_transforms=tuple(transforms),

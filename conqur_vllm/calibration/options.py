@@ -59,6 +59,9 @@ class CalibrationOptions(BaseModel):
     a_shift: bool = Field(
         default=True, description="quantize the q/k/v, o_proj and gate/up inputs around their calibration mean "
                                   "(served as a shift before the quantizer and a bias after the GEMM)")
+    a_symmetric: bool = Field(
+        default=False, description="symmetric per-token activation codes; False (measured default): a zero point "
+                                   "per token, the GEMM subtracting scale * zero * (row sums of W)")
     kv_clip: float = Field(default=0.95, gt=0.0, le=1.0)
     samples: int = Field(default=32, ge=1)
     seq_len: int = Field(default=512, ge=16)

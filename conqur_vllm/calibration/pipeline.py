@@ -100,7 +100,7 @@ def weight_spec(opts: CalibrationOptions) -> QuantSpec | None:
 
 def target_specs(opts: CalibrationOptions) -> dict[str, QuantSpec | None]:
     """The activation (R1) and value (R2) quantizers whose grids ``target="grid"`` aims the rotations at."""
-    act = None if opts.a_bits >= 16 else activation_spec(opts.a_bits, opts.a_clip)
+    act = None if opts.a_bits >= 16 else activation_spec(opts.a_bits, opts.a_clip, opts.a_symmetric)
     value = None if opts.kv_bits >= 16 else kv_spec(opts.kv_bits, clip_ratio=opts.kv_clip)  # one head's row
     return {"act_spec": act, "value_spec": value}
 
@@ -124,7 +124,7 @@ def resolve_activation_clip(model: nn.Module, opts: CalibrationOptions,
         return opts, None
     if opts.a_bits >= 16:
         return opts.model_copy(update={"a_clip": 1.0}), None
-    choice = choose_activation_clip(model, batches[0].to(opts.device), opts.a_bits)
+    choice = choose_activation_clip(model, batches[0].to(opts.device), opts.a_bits, symmetric=opts.a_symmetric)
     return opts.model_copy(update={"a_clip": choice.clip}), choice
 
 
@@ -166,7 +166,8 @@ def set_quantizers(model: nn.Module, opts: CalibrationOptions, r3: bool) -> None
     adapter = get_adapter(model.config)
     act_bits = None if opts.a_bits >= 16 else opts.a_bits
     kv_bits = None if opts.kv_bits >= 16 else opts.kv_bits
-    fake_quant.set_activation_quant(model, fake_quant.ActQuant(bits=act_bits, clip_ratio=opts.a_clip))
+    fake_quant.set_activation_quant(model, fake_quant.ActQuant(bits=act_bits, clip_ratio=opts.a_clip,
+                                                               symmetric=opts.a_symmetric))
     kv = fake_quant.KVQuant(bits=kv_bits, symmetric=False, clip_ratio=opts.kv_clip,
                             group_size=head_dim_of(model.config))
     fake_quant.set_attention(model, adapter, fake_quant.AttentionSim(r3=r3, kv=kv))

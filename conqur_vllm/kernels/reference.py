@@ -5,6 +5,11 @@
   1 for an all-zero row), ``q = clamp(round(x / scale), -qmax-1, qmax)`` as int8, computed in float32
   (``conqur_vllm.quant``'s rule). ``absmax`` (float32 ``[M, 1]``) overrides the row maxima, e.g. with the
   maxima of the whole row when ``x`` is one tensor-parallel shard of it.
+- ``conqur::quantize_per_token_asym(x, bits, clip_ratio, row_min=None, row_max=None) -> (q, scale, zero)``:
+  the asymmetric rule of ``conqur_vllm.quant`` (range widened to include 0, ``scale = clip * (max - min) /
+  (2^b - 1)``, ``zero = round(-clip * min / scale)``), with codes and zero point shifted by ``-2^(b-1)`` so they
+  fit the signed GEMMs: ``x ~ scale * (q - zero)``, ``q`` int8 in ``[-2^(b-1), 2^(b-1) - 1]``, ``zero`` float32
+  ``[M, 1]``. ``row_min`` / ``row_max`` override the row extremes (tensor-parallel shards).
 - ``conqur::int_scaled_mm(a_q, a_scale, b_q, b_scale, bias, out_dtype)``: ``a_q [M, K]`` int8 codes times
   ``b_q [N, K]`` int8 codes with exact integer accumulation per group of ``K / G`` columns (``b_scale`` is
   ``[N, G]``), then the float epilogue ``out = a_scale * sum_g b_scale[:, g] * acc_g + bias``.
@@ -53,6 +58,32 @@ def _(x: Tensor, bits: int, clip_ratio: float, absmax: Tensor | None = None) -> 
         torch.empty_like(x, dtype=torch.int8),
         torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device),
     )
+
+
+@torch.library.custom_op("conqur::quantize_per_token_asym", mutates_args=())
+def quantize_per_token_asym(
+    x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None = None, row_max: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Signed int8 codes ``[M, K]``, float32 scales and zero points ``[M, 1]`` of a 2-D floating-point ``x``."""
+    half = _check_bits(bits) + 1
+    levels = torch.full((1, 1), 2 * half - 1, dtype=torch.float32, device=x.device)
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"quantize_per_token_asym expects a 2-D floating tensor, got {x.dtype} {tuple(x.shape)}")
+    xf = x.to(torch.float32)
+    lo = (xf.amin(dim=-1, keepdim=True) if row_min is None else row_min.to(torch.float32)).clamp(max=0)
+    hi = (xf.amax(dim=-1, keepdim=True) if row_max is None else row_max.to(torch.float32)).clamp(min=0)
+    scale = clip_ratio * (hi - lo) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-clip_ratio * lo / scale).clamp_(0, 2 * half - 1)
+    q = (torch.round(xf / scale) + zero).clamp_(0, 2 * half - 1) - half
+    return q.to(torch.int8), scale, zero - half
+
+
+@quantize_per_token_asym.register_fake
+def _(x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None = None,
+      row_max: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    rows = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    return torch.empty_like(x, dtype=torch.int8), rows, torch.empty_like(rows)
 
 
 def _chunk_size(k: int) -> int:

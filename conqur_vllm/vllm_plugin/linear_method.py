@@ -12,9 +12,11 @@ freed. Resident per layer: float32 scales plus the int8 codes, 1 byte per weight
 prefill, the reference GEMM for fewer than 16 tokens).
 
 Forward: [R4 Hadamard on down_proj's input] -> [minus the input shift mu, where ``activations.shifted_inputs``
-names the linear's group; ``W mu`` (from the dequantized weights, float32) joins the bias] -> per-token quantization (``conqur::quantize_per_token``; for a
-row-parallel shard the row maxima are all-reduced over the tensor-parallel ranks first, so every rank uses the
-single-device scale) -> integer GEMM with int32 accumulation and the scale epilogue (+ bias) -> output in the
+names the linear's group; ``W mu`` (from the dequantized weights, float32) joins the bias] -> per-token quantization
+(``conqur::quantize_per_token``, or ``conqur::quantize_per_token_asym`` for ``activations.symmetric: false``; for a
+row-parallel shard the row extremes are all-reduced over the tensor-parallel ranks first, so every rank uses the
+single-device scale) -> integer GEMM with int32 accumulation and the scale epilogue (+ bias) -> [asymmetric:
+minus ``scale * zero`` times the row sums of the dequantized weights, ``weight_sum``, in float32] -> output in the
 input dtype.
 With ``activations.num_bits == 16`` (weight-only checkpoints) the weights are dequantized once at load and
 served by ``F.linear`` (no memory saving; logged).
@@ -41,7 +43,7 @@ from conqur_vllm.config import CheckpointConfigError
 from conqur_vllm.formats import unpack_int32
 from conqur_vllm.kernels import Backend, backend_from_env, make_int_gemm, transforms  # noqa: F401
 from conqur_vllm.vllm_plugin._compat import register_weight_loader_v2
-from conqur_vllm.vllm_plugin.tp import row_absmax
+from conqur_vllm.vllm_plugin.tp import row_absmax, row_range
 
 if TYPE_CHECKING:
     from conqur_vllm.vllm_plugin.quant_config import ConqurConfig
@@ -77,6 +79,7 @@ class ConqurLinearMethod(LinearMethodBase):
         self.group_size = ckpt.weights.group_size
         self.act_bits = ckpt.activations.num_bits
         self.clip_ratio = ckpt.activations.clip_ratio
+        self.act_symmetric = ckpt.activations.symmetric
         r4 = ckpt.transform("down_proj_input")
         self.r4 = r4 if r4 is not None and prefix.rsplit(".", 1)[-1] == R4_LAYER else None
         self.shifted = ckpt.has_input_shift(prefix)
@@ -168,7 +171,12 @@ class ConqurLinearMethod(LinearMethodBase):
             shift = layer.input_shift.data.to(layer.params_dtype)  # the bias uses the shift as subtracted
             layer.input_shift = nn.Parameter(shift, requires_grad=False)
             layer.shift_bias = nn.Parameter(_dequantize(codes, scale) @ shift.to(torch.float32), requires_grad=False)
-        gemm = make_int_gemm(codes, scale, layer.params_dtype, self.backend)
+        out_dtype = layer.params_dtype
+        if not self.act_symmetric:  # x = scale (q - zero): W x = scale (W q) - scale zero sum_k W[:, k]
+            layer.weight_sum = nn.Parameter(_dequantize(codes, scale).sum(1, dtype=torch.float64).to(torch.float32),
+                                            requires_grad=False)
+            out_dtype = torch.float32  # the correction is applied before rounding to the model dtype
+        gemm = make_int_gemm(codes, scale, out_dtype, self.backend)
         if gemm.b_q is not None:  # the codes stay resident: show them as a parameter of the layer
             layer.weight_int = nn.Parameter(gemm.b_q, requires_grad=False)
         elif getattr(gemm, "b_packed", None) is not None:
@@ -181,7 +189,8 @@ class ConqurLinearMethod(LinearMethodBase):
         """R4, absmax and quantization in one pass (``conqur::hadamard_quantize_per_token``): on CUDA, where it
         is one Triton kernel, unless the row is split across ranks (its maximum then needs an all-reduce) or a
         shift comes between the transform and the quantizer."""
-        return x.is_cuda and self.act_bits < 16 and not layer.conqur_sharded_input and not self.shifted
+        return (x.is_cuda and self.act_bits < 16 and self.act_symmetric and not layer.conqur_sharded_input
+                and not self.shifted)
 
     def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
         shape = x.shape
@@ -199,7 +208,18 @@ class ConqurLinearMethod(LinearMethodBase):
                 if self.shifted:
                     x2 = x2 - layer.input_shift.to(x2.dtype)
                     bias = layer.shift_bias if bias is None else layer.shift_bias + bias.to(torch.float32)
-                absmax = row_absmax(x2, layer.conqur_sharded_input)
-                a_q, a_scale = torch.ops.conqur.quantize_per_token(x2, self.act_bits, self.clip_ratio, absmax)
-                out = getattr(layer, GEMM_ATTR)(a_q, a_scale, bias)
+                out = self._quantized_matmul(layer, x2, bias)
         return out.to(x.dtype).view(*shape[:-1], out.shape[-1])
+
+    def _quantized_matmul(self, layer: nn.Module, x2: Tensor, bias: Tensor | None) -> Tensor:
+        """Per-token quantization of ``x2`` and the integer GEMM (with the zero-point correction if asymmetric)."""
+        gemm = getattr(layer, GEMM_ATTR)
+        if self.act_symmetric:
+            absmax = row_absmax(x2, layer.conqur_sharded_input)
+            a_q, a_scale = torch.ops.conqur.quantize_per_token(x2, self.act_bits, self.clip_ratio, absmax)
+            return gemm(a_q, a_scale, bias)
+        row_min, row_max = row_range(x2, layer.conqur_sharded_input)
+        a_q, a_scale, a_zero = torch.ops.conqur.quantize_per_token_asym(x2, self.act_bits, self.clip_ratio,
+                                                                        row_min, row_max)
+        out = gemm(a_q, a_scale, None if bias is None else bias.to(torch.float32))
+        return out.addr_(a_scale.view(-1) * a_zero.view(-1), layer.weight_sum, alpha=-1)
