@@ -37,6 +37,9 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a-shift", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize the q/k/v, o_proj and gate/up inputs around their calibration mean (served as "
                         "a shift and a bias; default on)")
+    p.add_argument("--kv-shift", action=argparse.BooleanOptionalAction, default=True,
+                   help="subtract each layer's calibration-mean key before the KV quantizer (exact for attention; "
+                        "default on)")
     p.add_argument("--a-symmetric", action=argparse.BooleanOptionalAction, default=False,
                    help="symmetric per-token activation codes (default off: a zero point per token)")
     p.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default="gptq")
@@ -90,7 +93,7 @@ def _options(args):
              if value is not None}
     return CalibrationOptions(**clips,
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, a_shift=args.a_shift,
-        a_symmetric=args.a_symmetric,
+        a_symmetric=args.a_symmetric, kv_shift=args.kv_shift,
         weight_quantizer=args.weight_quantizer, group_size=args.group_size, samples=args.samples,
         embed_bits=args.embed_bits, head_bits=args.head_bits,
         seq_len=args.seq_len, calib_text=args.calib_text, device=args.device, seed=args.seed,

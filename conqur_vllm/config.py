@@ -70,6 +70,9 @@ class KVCacheQuantArgs(_Strict):
     symmetric: bool = False
     group_size: int | None = None
     clip_ratio: float = Field(default=0.95, gt=0.0, le=1.0)
+    key_shift: bool = Field(
+        default=False, description="every attention layer stores a float32 ``attn.k_shift`` [kv_heads * head_dim], "
+                                   "subtracted from the keys after RoPE and R3, before the cache (softmax ignores it)")
 
 
 class VocabQuantArgs(_Strict):

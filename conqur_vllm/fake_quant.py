@@ -2,8 +2,9 @@
 
 :func:`install` wraps every decoder linear in a :class:`QuantLinear` (online transform, then per-token activation
 fake-quant, then the linear) and switches attention to ``conqur_sdpa``, which applies R3 (Hadamard on Q and K
-after RoPE) and fake-quantizes K and V per token per head. Weights are quantized separately (RTN or GPTQ) by
-replacing ``QuantLinear.linear.weight`` with its dequantized values. Every part is switchable on its own.
+after RoPE), subtracts the layer's key shift (``conqur_key_shift``) if one is installed, and fake-quantizes K and
+V per token per head. Weights are quantized separately (RTN or GPTQ) by replacing ``QuantLinear.linear.weight``
+with its dequantized values. Every part is switchable on its own.
 """
 
 from __future__ import annotations
@@ -109,6 +110,12 @@ def _conqur_attention(module: nn.Module, query, key, value, attention_mask, **kw
         if settings.r3:
             query = hadamard_transform(query)
             key = hadamard_transform(key)
+        observer = getattr(module, "conqur_key_observer", None)
+        if observer is not None:
+            observer(key)
+        shift = getattr(module, "conqur_key_shift", None)  # [kv_heads, head_dim]: softmax ignores it (key shifts)
+        if shift is not None:
+            key = key - shift.to(key.dtype)[:, None, :]
         key = settings.kv(key)
         value = settings.kv(value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

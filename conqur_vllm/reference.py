@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from conqur_vllm import fake_quant
+from conqur_vllm.calibration.kv_shift import CHECKPOINT_LEAF, attention_modules, install_key_shifts
 from conqur_vllm.checkpoint import read_checkpoint_tensors
 from conqur_vllm.config import ConqurQuantConfig
 from conqur_vllm.formats import unpack_int32
 from conqur_vllm.models.adapters import get_adapter
 from conqur_vllm.quant import QuantizedTensor, QuantSpec, dequantize
+from conqur_vllm.rotation.rotations import head_dim_of
 
 
 def dequantize_linear(tensors: dict[str, torch.Tensor], prefix: str, qcfg: ConqurQuantConfig) -> torch.Tensor:
@@ -77,4 +79,19 @@ def load_reference_model(ckpt_dir: str | Path, dtype: torch.dtype = torch.float3
                 raise ValueError(f"{ckpt_dir}: config.json shifts the input of {name} but the checkpoint has no "
                                  f"{name}.input_shift; rewrite it with `conqur calibrate`")
             module.input_shift = tensors[f"{name}.input_shift"].to(torch.float32)
+    if qcfg.kv_cache.key_shift:
+        install_key_shifts(model, adapter, _key_shifts(tensors, model, adapter, ckpt_dir))
     return model, qcfg
+
+
+def _key_shifts(tensors: dict[str, torch.Tensor], model: nn.Module, adapter, ckpt_dir) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``{attention}.attn.k_shift`` as ``[kv_heads, head_dim]`` per attention module name."""
+    kv_heads, head_dim = model.config.num_key_value_heads, head_dim_of(model.config)
+    shifts = {}
+    for name in attention_modules(model, adapter):
+        key = f"{name}.{CHECKPOINT_LEAF}"
+        if key not in tensors:
+            raise ValueError(f"{ckpt_dir}: config.json says kv_cache.key_shift but the checkpoint has no {key}; "
+                             "rewrite it with `conqur calibrate`")
+        shifts[name] = tensors[key].to(torch.float32).view(kv_heads, head_dim)
+    return shifts

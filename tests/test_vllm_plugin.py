@@ -676,12 +676,14 @@ GEN_TOKENS = 8
 
 def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = None, act_bits: int = 4,
                           r4_block: int | None = 0, r3: bool = True, kv_bits: int = 4, seed: int = 0,
-                          gain: float = 1.5, vocab: bool = False, shift: bool = False) -> Path:
+                          gain: float = 1.5, vocab: bool = False, shift: bool = False, asym: bool = False,
+                          key_shift: bool = False) -> Path:
     """A random decoder quantized by RTN (``quant.py``), packed and written by ``checkpoint.write_checkpoint``.
 
     ``r4_block``: None = no R4, 0 = one Hadamard over the intermediate size, else the block size.
     ``vocab``: INT4 embedding (groups of 32) and INT8 LM head, packed like the linears.
     ``shift``: an ``input_shift`` per q/k/v, o_proj and gate/up input (one vector per input group).
+    ``asym``: asymmetric per-token activation codes. ``key_shift``: an ``attn.k_shift`` per layer.
     Weights are drawn with enough scale that the next-token distributions are far from uniform.
     """
     from transformers import AutoModelForCausalLM
@@ -720,6 +722,10 @@ def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = No
                 tensors.update(quantized_linear_tensors(module, quantize_weight_rtn(w, spec, clip_search=False)))
             else:
                 tensors[name] = w.to(torch.bfloat16)
+    if key_shift:
+        for i in range(cfg.num_hidden_layers):
+            tensors[f"model.layers.{i}.self_attn.attn.k_shift"] = 2 * torch.randn(cfg.num_key_value_heads * HEAD_DIM,
+                                                                                generator=g)
     transforms = []
     if r4_block is not None:
         transforms.append({"site": "down_proj_input", "size": INTER, "block": r4_block or None})
@@ -728,8 +734,9 @@ def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = No
     quant = ConqurQuantConfig.from_dict({
         "quant_method": "conqur", "method": "quarot",
         "weights": {"group_size": group_size, "quantizer": "rtn", "clip_search": False},
-        "activations": {"num_bits": act_bits, "shifted_inputs": ["qkv", "o_proj", "gate_up"] if shift else []},
-        "kv_cache": {"num_bits": kv_bits},
+        "activations": {"num_bits": act_bits, "shifted_inputs": ["qkv", "o_proj", "gate_up"] if shift else [],
+                        "symmetric": not asym},
+        "kv_cache": {"num_bits": kv_bits, "key_shift": key_shift},
         "online_transforms": transforms,
         "vocab": {"embed_bits": 4, "head_bits": 8, "group_size": 32} if vocab else None,
     })
@@ -773,13 +780,16 @@ def reference_log_softmax(ckpt: Path, sequences: list[list[int]], *, act: bool =
     model.load_state_dict(state)
     r4_t, r3_t = qc.transform("down_proj_input"), qc.transform("qk_post_rope")
     bits = qc.activations.num_bits if act and qc.activations.num_bits < 16 else None
-    install(model, get_adapter(config), act=ActQuant(bits=bits, clip_ratio=qc.activations.clip_ratio),
+    install(model, get_adapter(config), act=ActQuant(bits=bits, clip_ratio=qc.activations.clip_ratio,
+                                                     symmetric=qc.activations.symmetric),
             attention=AttentionSim(r3=r3_t is not None, **({"kv": Fp8RoundTrip()} if kv_fp8 else {})),
             r4=r4 and r4_t is not None,
             r4_block=r4_t.block if r4_t else None)
     for name, module in model.named_modules():
         if f"{name}.input_shift" in tensors and bits is not None:
             module.input_shift = tensors[f"{name}.input_shift"].float()
+        if f"{name}.attn.k_shift" in tensors:
+            module.conqur_key_shift = tensors[f"{name}.attn.k_shift"].float().view(-1, HEAD_DIM)
     with torch.no_grad():
         return [model(torch.tensor([ids])).logits[0].log_softmax(-1) for ids in sequences]
 
@@ -795,7 +805,7 @@ def _inspect_model(model: nn.Module) -> dict[str, Any]:
     from conqur_vllm.vllm_plugin.kv_cache import HOOK_ATTR
     from conqur_vllm.vllm_plugin.linear_method import GEMM_ATTR
 
-    info: dict[str, Any] = {"methods": {}, "gemm": {}, "r3_hooks": 0, "kv_dtypes": []}
+    info: dict[str, Any] = {"methods": {}, "gemm": {}, "r3_hooks": 0, "kv_dtypes": [], "k_shift": {}}
     for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         if method is not None:
@@ -805,6 +815,8 @@ def _inspect_model(model: nn.Module) -> dict[str, Any]:
         if getattr(module, HOOK_ATTR, None) is not None:
             info["r3_hooks"] += 1
             info["kv_dtypes"].append(module.kv_cache_dtype)
+        if getattr(module, "k_shift", None) is not None:
+            info["k_shift"][name] = module.k_shift.tolist()
     return info
 
 
@@ -833,7 +845,8 @@ def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "logprobs": logprobs,
         "greedy": [list(o.outputs[0].token_ids) for o in generated],
-        "inspect": llm.apply_model(inspect_model)[0],
+        "inspect_ranks": (inspected := llm.apply_model(inspect_model)),
+        "inspect": inspected[0],
         "default_kv": default_kv_cache_dtype(ConqurQuantConfig.from_model_dir(spec["model"])),
         "quantization": llm.llm_engine.vllm_config.model_config.quantization,
     }
@@ -924,7 +937,8 @@ def llama_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from conqur_vllm.vllm_plugin.kv_dtype import cpu_supports_fp8_kv
 
     kv_bits = 16 if cpu_supports_fp8_kv() else 4
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama-w4a4", "llama", shift=True, kv_bits=kv_bits)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama-w4a4", "llama", shift=True, kv_bits=kv_bits,
+                                 asym=True, key_shift=True)
 
 
 @pytest.mark.slow
@@ -937,6 +951,10 @@ def test_vllm_llama_from_entry_point_matches_reference(llama_ckpt: Path, tmp_pat
     )
     assert_served_by_plugin(result)
     assert_matches_reference(result, llama_ckpt, **(FP32 if result["default_kv"] == "auto" else FP8_KV))
+    tensors = read_checkpoint_tensors(llama_ckpt)
+    for i in range(2):
+        name = f"model.layers.{i}.self_attn.attn"
+        assert torch.equal(torch.tensor(result["inspect"]["k_shift"][name]), tensors[f"{name}.k_shift"])
 
 
 @pytest.mark.slow
@@ -972,10 +990,10 @@ def test_vllm_mistral_bfloat16_w4a8(tmp_path: Path) -> None:
 def test_vllm_tensor_parallel_2_matches_single_device_reference(tmp_path: Path) -> None:
     """TP=2 shards qkv/gate_up by output and o/down by input (packed int4, group scales and input shifts sliced by
     vLLM's parameter classes; each rank adds its part of the shift's bias before the all-reduce); R4 blocks stay
-    inside a shard and row maxima are all-reduced, so it equals TP=1. The
-    INT4 embedding and INT8 LM head shard by vocabulary rows."""
+    inside a shard and row extremes (asymmetric codes) are all-reduced, so it equals TP=1. Key shifts load by KV
+    head. The INT4 embedding and INT8 LM head shard by vocabulary rows."""
     ckpt = write_tiny_checkpoint(tmp_path / "llama-tp", "llama", group_size=64, r4_block=256, kv_bits=16, seed=3,
-                                 vocab=True, shift=True)
+                                 vocab=True, shift=True, asym=True, key_shift=True)
     result = vllm_in_subprocess(
         tmp_path,
         {"model": ckpt, "eager": True, "dtype": "float32", "prompts": PROMPTS, "entry_point": True,
@@ -983,6 +1001,13 @@ def test_vllm_tensor_parallel_2_matches_single_device_reference(tmp_path: Path) 
         env={**entry_point_env(tmp_path), "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     )
     assert_matches_reference(result, ckpt, **FP32)
+    # each rank holds its own KV head of every layer's key shift (2 KV heads over 2 ranks)
+    tensors = read_checkpoint_tensors(ckpt)
+    assert len(result["inspect_ranks"]) == 2
+    for rank, info in enumerate(result["inspect_ranks"]):
+        for i in range(2):
+            full = tensors[f"model.layers.{i}.self_attn.attn.k_shift"].view(2, HEAD_DIM)
+            assert torch.equal(torch.tensor(info["k_shift"][f"model.layers.{i}.self_attn.attn"]), full[rank])
 
 
 if __name__ == "__main__":

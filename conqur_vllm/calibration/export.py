@@ -41,7 +41,8 @@ def quant_config_for(result: CalibrationResult, opts: CalibrationOptions, source
                                 clip_search=opts.clip_search),
         activations=ActivationQuantArgs(num_bits=opts.a_bits, clip_ratio=opts.a_clip, symmetric=opts.a_symmetric,
                                         shifted_inputs=result.input_shifts.groups if result.input_shifts else ()),
-        kv_cache=KVCacheQuantArgs(num_bits=opts.kv_bits, clip_ratio=opts.kv_clip),
+        kv_cache=KVCacheQuantArgs(num_bits=opts.kv_bits, clip_ratio=opts.kv_clip,
+                                  key_shift=bool(result.key_shifts and result.key_shifts.shifts)),
         online_transforms=tuple(transforms),
         vocab=vocab_args(opts, get_adapter(cfg)),
         calibration=CalibrationProvenance(
@@ -65,6 +66,8 @@ def checkpoint_tensors(result: CalibrationResult, dtype: torch.dtype = torch.bfl
     for prefix, qt in result.qweights.items():
         bias = tensors.pop(f"{prefix}.bias", None)
         tensors.update(quantized_linear_tensors(prefix, qt, bias))
+    if result.key_shifts is not None:
+        tensors.update(result.key_shifts.checkpoint_tensors())
     return tensors
 
 

@@ -63,6 +63,9 @@ class CalibrationOptions(BaseModel):
         default=False, description="symmetric per-token activation codes; False (measured default): a zero point "
                                    "per token, the GEMM subtracting scale * zero * (row sums of W)")
     kv_clip: float = Field(default=0.95, gt=0.0, le=1.0)
+    kv_shift: bool = Field(
+        default=True, description="subtract each layer's calibration-mean key (after RoPE and R3) before the KV "
+                                  "quantizer; exact for attention, which ignores a constant key offset")
     samples: int = Field(default=32, ge=1)
     seq_len: int = Field(default=512, ge=16)
     calib_text: str = "c4"

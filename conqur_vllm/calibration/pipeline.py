@@ -19,6 +19,7 @@ from torch import nn
 from conqur_vllm import fake_quant
 from conqur_vllm.calibration.act_clip import ClipChoice, choose_activation_clip
 from conqur_vllm.calibration.act_shift import InputShifts, install_input_shifts, measure_input_shifts
+from conqur_vllm.calibration.kv_shift import KeyShifts, install_key_shifts, measure_key_shifts
 from conqur_vllm.calibration.layerwise import quantize_weights
 from conqur_vllm.calibration.learn_rotations import LearnReport, learn_rotations
 from conqur_vllm.calibration.options import CalibrationOptions
@@ -45,6 +46,7 @@ class CalibrationResult:
     options: CalibrationOptions | None = None  # as used: ``a_clip="auto"`` resolved to the chosen ratio
     clip_choice: ClipChoice | None = None
     input_shifts: InputShifts | None = None
+    key_shifts: KeyShifts | None = None
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -116,6 +118,18 @@ def set_input_shifts(model: nn.Module, opts: CalibrationOptions, batches: list[t
     return shifts
 
 
+def set_key_shifts(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor], r3: bool) -> KeyShifts:
+    """Measure the key shifts on the rotated ``model`` (its attention simulated with R3 as ``r3`` says; the same
+    sequences as the activation shifts) and install them, as ``kv_shift`` says (none for a 16-bit KV cache)."""
+    adapter = get_adapter(model.config)
+    shifts = KeyShifts()
+    if opts.kv_shift and opts.kv_bits < 16:
+        fake_quant.set_attention(model, adapter, fake_quant.AttentionSim(r3=r3))
+        shifts = measure_key_shifts(model, adapter, batches[0][:SHIFT_SEQUENCES].to(opts.device))
+    install_key_shifts(model, adapter, shifts.shifts)
+    return shifts
+
+
 def resolve_activation_clip(model: nn.Module, opts: CalibrationOptions,
                             batches: list[torch.Tensor]) -> tuple[CalibrationOptions, ClipChoice | None]:
     """Options with ``a_clip="auto"`` replaced by the ratio chosen on the rotated ``model`` (first calibration
@@ -183,7 +197,8 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
     adapter = get_adapter(model.config)
     times: dict[str, float] = {}
     needs_data = (opts.method == "conqur" or (opts.w_bits < 16 and opts.weight_quantizer == "gptq")
-                  or ((opts.a_clip == "auto" or opts.a_shift) and opts.a_bits < 16))
+                  or ((opts.a_clip == "auto" or opts.a_shift) and opts.a_bits < 16)
+                  or (opts.kv_shift and opts.kv_bits < 16))
     batches = (calibration_batches(tokenizer, calib_text, opts.samples, opts.seq_len, opts.conqur.batch_size,
                                    opts.seed) if needs_data else [])
     rot = initial_rotations(model, opts)
@@ -199,6 +214,7 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
     t0 = time.perf_counter()
     apply_rotations(model, adapter, rot)
     shifts = set_input_shifts(model, opts, batches)
+    key_shifts = set_key_shifts(model, opts, batches, r3=rot.r3)
     opts, clip_choice = resolve_activation_clip(model, opts, batches)
     set_quantizers(model, opts, r3=rot.r3)
     times["rotate"] = time.perf_counter() - t0
@@ -218,4 +234,4 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
                                     on_layer=keep_hidden)
         qweights.update(quantize_vocab(model, adapter, opts, final_hidden=last_hidden))
         times["quantize_weights"] = time.perf_counter() - t0
-    return CalibrationResult(model, tokenizer, rot, qweights, times, report, opts, clip_choice, shifts)
+    return CalibrationResult(model, tokenizer, rot, qweights, times, report, opts, clip_choice, shifts, key_shifts)

@@ -87,6 +87,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
         apply_rotations(model, adapter, rot)
         release_memory()
         shifts = pipeline.set_input_shifts(model, opts, batches)  # before any resumed layer: same as a full run
+        key_shifts = pipeline.set_key_shifts(model, opts, batches, r3=rot.r3)
         used, clip_choice = pipeline.resolve_activation_clip(model, opts, batches)  # a_clip "auto" -> a ratio
         pipeline.set_quantizers(model, used, r3=rot.r3)
 
@@ -117,7 +118,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
 
         metrics.set_stage("export")
         result = pipeline.CalibrationResult(model, tokenizer, rot, qweights, options=used, clip_choice=clip_choice,
-                                            input_shifts=shifts)
+                                            input_shifts=shifts, key_shifts=key_shifts)
         sqnr = activation_sqnr(model, adapter, batches[0][:1])
         times["total"] = time.perf_counter() - t_start
         report = {
@@ -127,6 +128,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             "activation_sqnr_db": sqnr,
             "activation_clip": clip_choice.to_dict() if clip_choice else {"chosen": used.a_clip},
             "activation_shift": shifts.report(),
+            "key_shift": key_shifts.report(),
             "stage_seconds": times,
             "samples_used": opts.samples,
             "tokens_used": opts.samples * opts.seq_len,
