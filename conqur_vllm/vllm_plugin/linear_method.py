@@ -167,15 +167,16 @@ class ConqurLinearMethod(LinearMethodBase):
             layer.weight = nn.Parameter(_dequantize(codes, scale).to(layer.params_dtype), requires_grad=False)
             logger.info_once("conqur: activations.num_bits=16, weights dequantized to %s at load", layer.params_dtype)
             return
+        w_deq = _dequantize(codes, scale) if self.shifted or not self.act_symmetric else None
         if self.shifted:  # W mu: this rank's part of the bias that puts the shift back (summed by the all-reduce)
             shift = layer.input_shift.data.to(layer.params_dtype)  # the bias uses the shift as subtracted
             layer.input_shift = nn.Parameter(shift, requires_grad=False)
-            layer.shift_bias = nn.Parameter(_dequantize(codes, scale) @ shift.to(torch.float32), requires_grad=False)
+            layer.shift_bias = nn.Parameter(w_deq @ shift.to(torch.float32), requires_grad=False)
         out_dtype = layer.params_dtype
         if not self.act_symmetric:  # x = scale (q - zero): W x = scale (W q) - scale zero sum_k W[:, k]
-            layer.weight_sum = nn.Parameter(_dequantize(codes, scale).sum(1, dtype=torch.float64).to(torch.float32),
-                                            requires_grad=False)
+            layer.weight_sum = nn.Parameter(w_deq.sum(1, dtype=torch.float64).to(torch.float32), requires_grad=False)
             out_dtype = torch.float32  # the correction is applied before rounding to the model dtype
+        del w_deq
         gemm = make_int_gemm(codes, scale, out_dtype, self.backend)
         if gemm.b_q is not None:  # the codes stay resident: show them as a parameter of the layer
             layer.weight_int = nn.Parameter(gemm.b_q, requires_grad=False)
@@ -187,8 +188,8 @@ class ConqurLinearMethod(LinearMethodBase):
     # --- forward -------------------------------------------------------------------------------------------
     def fuse_r4_quant(self, layer: nn.Module, x: Tensor) -> bool:
         """R4, absmax and quantization in one pass (``conqur::hadamard_quantize_per_token``): on CUDA, where it
-        is one Triton kernel, unless the row is split across ranks (its maximum then needs an all-reduce) or a
-        shift comes between the transform and the quantizer."""
+        is one Triton kernel, unless the row is split across ranks (its maximum then needs an all-reduce), a
+        shift comes between the transform and the quantizer, or the codes are asymmetric (the kernel is not)."""
         return (x.is_cuda and self.act_bits < 16 and self.act_symmetric and not layer.conqur_sharded_input
                 and not self.shifted)
 
