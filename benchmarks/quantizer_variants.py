@@ -68,9 +68,7 @@ def main() -> None:
     base_act = fake_quant.ActQuant(bits=used.a_bits, clip_ratio=used.a_clip, symmetric=used.a_symmetric)
     base_shifts = {} if result.key_shifts is None else dict(result.key_shifts.shifts)
     measured_shifts = (base_shifts if base_shifts else
-                       pipeline.set_key_shifts(model, used.model_copy(update={"kv_shift": True}), batches,
-                                               r3=result.rotations.r3).shifts)
-    pipeline.set_quantizers(model, used, r3=result.rotations.r3)  # set_key_shifts switched the KV quantizer off
+                       pipeline.set_key_shifts(model, used.model_copy(update={"kv_shift": True}), batches).shifts)
     for variant in variants:
         parts = set(variant.split("+"))
         install_key_shifts(model, adapter, measured_shifts if "kshift" in parts else base_shifts)

@@ -654,10 +654,10 @@ def test_kv_method_rejects_cache_dtype_the_platform_lacks() -> None:
 
 
 def test_r3_size_must_match_head_dim() -> None:
-    from conqur_vllm.vllm_plugin.kv_cache import install_r3_hook
+    from conqur_vllm.vllm_plugin.kv_cache import install_qk_hook
 
     with pytest.raises(CheckpointConfigError, match="size 128 != head_dim 64"):
-        install_r3_hook(_FakeAttention(4, 64), _plugin_config(
+        install_qk_hook(_FakeAttention(4, 64), _plugin_config(
             online_transforms=[{"site": "qk_post_rope", "size": 128}]).checkpoint.transform("qk_post_rope"))
 
 

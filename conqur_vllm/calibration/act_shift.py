@@ -42,8 +42,9 @@ class InputShifts:
                 "mean_energy_share": {name: round(v, 4) for name, v in self.energy_share.items()}}
 
 
-class _MeanRecorder:
-    """Stands in for a linear's activation quantizer: sums the rows it sees and passes them on unchanged."""
+class MeanRecorder:
+    """Sums the rows (last dim) it sees in float64 and passes them on unchanged: stands in for a linear's
+    activation quantizer here, observes keys in ``kv_shift``."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
@@ -60,7 +61,7 @@ class _MeanRecorder:
 
     def mean(self) -> torch.Tensor:
         if self.total is None:
-            raise RuntimeError("no input reached this linear during the shift measurement")
+            raise RuntimeError("nothing reached this recorder during the shift measurement")
         return self.total / self.count
 
     def energy_share(self) -> float:
@@ -75,7 +76,7 @@ def measure_input_shifts(model: nn.Module, adapter: ModelAdapter, ids: torch.Ten
     vector. Shifts already installed are ignored (the means are of the unshifted inputs).
     """
     paths = shifted_linears(adapter, groups)
-    recorders: dict[str, _MeanRecorder] = {}
+    recorders: dict[str, MeanRecorder] = {}
     modules: dict[str, fake_quant.QuantLinear] = {}
     for name, module in model.named_modules():
         if isinstance(module, fake_quant.QuantLinear) and any(name.endswith("." + p) for p in paths):
@@ -88,7 +89,7 @@ def measure_input_shifts(model: nn.Module, adapter: ModelAdapter, ids: torch.Ten
         for m in linears:
             m.act, m.input_shift = fake_quant.ActQuant(bits=None), None
         for name, m in modules.items():
-            m.act = recorders[name] = _MeanRecorder()
+            m.act = recorders[name] = MeanRecorder()
         with torch.no_grad():
             model.get_decoder()(ids, use_cache=False)
     finally:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from conqur_vllm import fake_quant
+from conqur_vllm.calibration.act_shift import MeanRecorder
 from conqur_vllm.models.adapters import ModelAdapter
 
 CHECKPOINT_LEAF = "attn.k_shift"
@@ -38,30 +39,6 @@ class KeyShifts:
                 for name, s in self.shifts.items()}
 
 
-class _KeyMeanRecorder:
-    """Sums the keys ``[batch, kv_heads, seq, head_dim]`` an attention module sees, per head."""
-
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.energy = 0.0
-        self.count = 0
-
-    def __call__(self, key: torch.Tensor) -> None:
-        k = key.detach().to(torch.float64)
-        part = k.sum(dim=(0, 2))
-        self.total = part if self.total is None else self.total + part
-        self.energy += float(k.pow(2).sum())
-        self.count += k.shape[0] * k.shape[2]
-
-    def mean(self) -> torch.Tensor:
-        if self.total is None:
-            raise RuntimeError("no key reached this attention module during the key-shift measurement")
-        return self.total / self.count
-
-    def energy_share(self) -> float:
-        return float(self.mean().pow(2).sum()) / max(self.energy / self.count, 1e-30)
-
-
 def measure_key_shifts(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor) -> KeyShifts:
     """Mean post-RoPE (post-R3) key per layer and KV head on ``ids``, activations and KV in full precision."""
     attentions = attention_modules(model, adapter)
@@ -70,14 +47,14 @@ def measure_key_shifts(model: nn.Module, adapter: ModelAdapter, ids: torch.Tenso
     linears = [m for m in model.modules() if isinstance(m, fake_quant.QuantLinear)]
     saved_act = [m.act for m in linears]
     saved_attn = {n: (a.conqur_attention, getattr(a, "conqur_key_shift", None)) for n, a in attentions.items()}
-    recorders = {n: _KeyMeanRecorder() for n in attentions}
+    recorders = {n: MeanRecorder() for n in attentions}  # rows: one token's keys of all heads
     try:
         for m in linears:
             m.act = fake_quant.ActQuant(bits=None)
         for n, a in attentions.items():
             a.conqur_attention = fake_quant.AttentionSim(r3=a.conqur_attention.r3)
             a.conqur_key_shift = None
-            a.conqur_key_observer = recorders[n]
+            a.conqur_key_observer = lambda key, rec=recorders[n]: rec(key.transpose(1, 2).flatten(2))
         with torch.no_grad():
             model.get_decoder()(ids, use_cache=False)
     finally:
@@ -86,7 +63,8 @@ def measure_key_shifts(model: nn.Module, adapter: ModelAdapter, ids: torch.Tenso
         for n, a in attentions.items():
             a.conqur_attention, a.conqur_key_shift = saved_attn[n]
             a.conqur_key_observer = None
-    return KeyShifts(shifts={n: r.mean().to(torch.float32) for n, r in recorders.items()},
+    n_kv = model.config.num_key_value_heads
+    return KeyShifts(shifts={n: r.mean().to(torch.float32).view(n_kv, -1) for n, r in recorders.items()},
                      energy_share={n: r.energy_share() for n, r in recorders.items()})
 
 

@@ -118,13 +118,12 @@ def set_input_shifts(model: nn.Module, opts: CalibrationOptions, batches: list[t
     return shifts
 
 
-def set_key_shifts(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor], r3: bool) -> KeyShifts:
-    """Measure the key shifts on the rotated ``model`` (its attention simulated with R3 as ``r3`` says; the same
-    sequences as the activation shifts) and install them, as ``kv_shift`` says (none for a 16-bit KV cache)."""
+def set_key_shifts(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor]) -> KeyShifts:
+    """Measure the key shifts on the rotated ``model`` (the same sequences as the activation shifts) and install
+    them, as ``kv_shift`` says (none for a 16-bit KV cache)."""
     adapter = get_adapter(model.config)
     shifts = KeyShifts()
     if opts.kv_shift and opts.kv_bits < 16:
-        fake_quant.set_attention(model, adapter, fake_quant.AttentionSim(r3=r3))
         shifts = measure_key_shifts(model, adapter, batches[0][:SHIFT_SEQUENCES].to(opts.device))
     install_key_shifts(model, adapter, shifts.shifts)
     return shifts
@@ -214,7 +213,7 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
     t0 = time.perf_counter()
     apply_rotations(model, adapter, rot)
     shifts = set_input_shifts(model, opts, batches)
-    key_shifts = set_key_shifts(model, opts, batches, r3=rot.r3)
+    key_shifts = set_key_shifts(model, opts, batches)
     opts, clip_choice = resolve_activation_clip(model, opts, batches)
     set_quantizers(model, opts, r3=rot.r3)
     times["rotate"] = time.perf_counter() - t0

@@ -87,7 +87,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
         apply_rotations(model, adapter, rot)
         release_memory()
         shifts = pipeline.set_input_shifts(model, opts, batches)  # before any resumed layer: same as a full run
-        key_shifts = pipeline.set_key_shifts(model, opts, batches, r3=rot.r3)
+        key_shifts = pipeline.set_key_shifts(model, opts, batches)
         used, clip_choice = pipeline.resolve_activation_clip(model, opts, batches)  # a_clip "auto" -> a ratio
         pipeline.set_quantizers(model, used, r3=rot.r3)
 

@@ -27,7 +27,7 @@ logger = init_logger(__name__)
 HOOK_ATTR = "_conqur_r3_hook"
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
-__all__ = ["ConqurKVCacheMethod", "default_kv_cache_dtype", "install_qk_hook", "install_r3_hook", "rotate_heads"]
+__all__ = ["ConqurKVCacheMethod", "default_kv_cache_dtype", "install_qk_hook", "rotate_heads"]
 
 
 def rotate_heads(x: Tensor, head_size: int, block: int) -> Tensor:
@@ -78,11 +78,6 @@ def install_qk_hook(layer: nn.Module, transform: OnlineTransform | None, key_shi
     block = None if transform is None else (0 if transform.block_size == head_size else transform.block_size)
     handle = layer.register_forward_pre_hook(make_qk_pre_hook(head_size, block, key_shift), with_kwargs=True)
     setattr(layer, HOOK_ATTR, handle)
-
-
-def install_r3_hook(layer: nn.Module, transform: OnlineTransform) -> None:
-    """(Re)install the R3 pre-hook alone on an attention layer; idempotent."""
-    install_qk_hook(layer, transform)
 
 
 def _key_shift_loader(layer: nn.Module) -> Callable[[Tensor, Tensor], None]:
