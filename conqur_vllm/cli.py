@@ -44,6 +44,10 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
                    help="symmetric per-token activation codes (default off: a zero point per token)")
     p.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
+    p.add_argument("--gptq-inputs", choices=["fp-activations", "quantized", "asymmetric"], default=None,
+                   help="what GPTQ's Hessians see: activations unquantized (QuaRot's way), the served model's "
+                        "quantized inputs, or those aiming at the full-precision model's outputs (default: "
+                        "asymmetric)")
     p.add_argument("--embed-bits", type=int, choices=[4, 8, 16], default=4,
                    help="token embedding weights (weight-only; 16 = unquantized)")
     p.add_argument("--head-bits", type=int, choices=[4, 8, 16], default=4,
@@ -89,9 +93,9 @@ def _options(args):
     from conqur_vllm.calibration.options import CalibrationOptions
 
     conqur = _conqur_options(args)
-    clips = {name: value for name, value in (("a_clip", args.a_clip), ("kv_clip", args.kv_clip))
-             if value is not None}
-    return CalibrationOptions(**clips,
+    given = {name: value for name, value in (("a_clip", args.a_clip), ("kv_clip", args.kv_clip),
+                                             ("gptq_inputs", args.gptq_inputs)) if value is not None}
+    return CalibrationOptions(**given,
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, a_shift=args.a_shift,
         a_symmetric=args.a_symmetric, kv_shift=args.kv_shift,
         weight_quantizer=args.weight_quantizer, group_size=args.group_size, samples=args.samples,

@@ -32,6 +32,37 @@ class HessianAccumulator:
         self.hessian += (x.T @ x).to(torch.float64) * (2.0 / self.count)
 
 
+class CrossAccumulator(HessianAccumulator):
+    """``H`` of the inputs the quantized model feeds a linear and the cross moment ``C = 2/n sum x_ref x^T`` with
+    the full-precision model's inputs at the same tokens, for GPTQ's asymmetric target (:func:`fp_target_weight`).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(in_features, device)
+        self.cross = torch.zeros_like(self.hessian)
+
+    def add_pair(self, x_ref: Tensor, x: Tensor) -> None:
+        """Fold in one batch: ``x`` what the quantized model feeds the weight, ``x_ref`` the reference model's."""
+        dtype = torch.float64 if x.dtype == x_ref.dtype == torch.float64 else torch.float32  # as ``add``
+        x_ref = x_ref.detach().reshape(-1, x_ref.shape[-1]).to(dtype)
+        n = x_ref.shape[0]
+        self.cross *= self.count / (self.count + n)
+        self.cross += (x_ref.T @ x.detach().reshape(-1, x.shape[-1]).to(dtype)).to(torch.float64) * (
+            2.0 / (self.count + n))
+        self.add(x)
+
+
+def fp_target_weight(w: Tensor, hessian: Tensor, cross: Tensor, damp: float = 3.0) -> Tensor:
+    """The weight that best maps the quantized model's inputs onto the reference outputs, kept near ``w`` where
+    the inputs say little: ``argmin_V sum ||V x - W x_ref||^2 + lam ||V - W||^2 = W (C + lam I)(H + lam I)^-1``
+    with ``lam = damp * mean(diag H)`` (float64). GPTQ of this weight against ``H + lam I`` minimizes the
+    regularized objective up to a constant (the least-squares residual is orthogonal to the inputs)."""
+    h = hessian.to(torch.float64)
+    lam = damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    rhs = w.to(torch.float64) @ (cross.to(torch.float64) + lam)  # [out, in]; V (H + lam) = W (C + lam)
+    return torch.linalg.solve(h + lam, rhs.T).T
+
+
 def gptq_quantize(w: Tensor, hessian: Tensor, spec: QuantSpec, *, block_size: int = 128,
                   damp: float = 0.01, clip_search: bool = True) -> QuantizedTensor:
     """Quantize ``w`` [out, in] with GPTQ error feedback; returns codes and the (fixed) grid's scales."""

@@ -1,9 +1,18 @@
 """Layer-by-layer weight quantization (GPTQ or RTN) of a model wrapped by :mod:`conqur_vllm.fake_quant`.
 
 Only one decoder layer is on the compute device at a time; the calibration batch's hidden states are the only
-activations kept (one tensor per mini-batch, replaced layer by layer). GPTQ Hessians are accumulated from the
-inputs the weights multiply (after online transforms, before activation quantization, as in QuaRot), and the
-next layer sees the outputs of the weight-quantized layer.
+activations kept (one tensor per mini-batch, replaced layer by layer). What GPTQ's Hessians see is
+``GptqInputs``:
+
+- ``fp-activations`` (as in QuaRot): the inputs the weights multiply with activation and KV quantization off;
+  each layer reproduces its own outputs on the weight-quantized stream.
+- ``quantized``: the inputs the served model feeds the weights (activation and KV quantization on, also in the
+  stream between layers), read one input group after another (q/k/v, o_proj, gate/up, down_proj) so each group
+  sees the earlier groups quantized; each group reproduces its full-precision weights' outputs on those inputs.
+- ``asymmetric`` (the calibrator's default): the same inputs, but the target is the full-precision model's
+  output at the same tokens (a second, unquantized stream): GPTQ of ``W (C + lam I)(H + lam I)^-1``
+  (:func:`conqur_vllm.gptq.fp_target_weight`), so every group's weights also absorb the activation and upstream
+  error they can.
 """
 
 from __future__ import annotations
@@ -11,13 +20,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from conqur_vllm import fake_quant
-from conqur_vllm.gptq import HessianAccumulator, gptq_quantize
+from conqur_vllm.gptq import CrossAccumulator, HessianAccumulator, fp_target_weight, gptq_quantize
 from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import QuantizedTensor, QuantSpec, dequantize, quantize_weight_rtn
 
@@ -28,11 +38,16 @@ class LayerReport:
 
     layer: int
     seconds: float
-    output_rel_error: float | None  # |y_q - y_fp| / |y_fp| of the layer on the calibration batch (GPTQ only)
+    # GPTQ only: |y_q - y_t| / |y_t| on the calibration batches, y_t = the layer's outputs before its weights were
+    # quantized (same inputs) or, for asymmetric GPTQ, the full-precision stream's (the error so far)
+    output_rel_error: float | None
 
     def line(self) -> str:
         err = "" if self.output_rel_error is None else f" out_rel_err={self.output_rel_error:.4f}"
         return f"layer {self.layer:3d}: {self.seconds:6.2f}s{err}"
+
+
+GptqInputs = Literal["fp-activations", "quantized", "asymmetric"]
 
 
 class _StopForward(Exception):
@@ -84,72 +99,113 @@ def quantize_layer_weights(layer: nn.Module, adapter: ModelAdapter, spec: QuantS
     so they are quantized as one stacked matrix.
     """
     result = {}
-    qlins = fake_quant.quant_linears(layer, adapter)
     for group in adapter.input_groups:
-        weights = [qlins[p].linear.weight for p in group]
-        stacked = torch.cat([w.detach() for w in weights]).to(torch.float64)
-        if method == "gptq":
-            qt = gptq_quantize(stacked, hessians[group[0]].hessian, spec, clip_search=clip_search)
-        else:
-            qt = quantize_weight_rtn(stacked.float(), spec, clip_search=clip_search)
-        start = 0
-        for path, w in zip(group, weights):
-            rows = slice(start, start + w.shape[0])
-            start += w.shape[0]
-            part = QuantizedTensor(qt.q[rows].contiguous(), qt.scale[rows].contiguous(),
-                                   None if qt.zero is None else qt.zero[rows].contiguous(), qt.spec)
-            with torch.no_grad():
-                w.copy_(dequantize(part, torch.float64).to(w.dtype))
-            result[path] = part
+        result.update(quantize_group(layer, adapter, group, spec, method=method,
+                                     moments=None if hessians is None else hessians[group[0]],
+                                     clip_search=clip_search))
+    return result
+
+
+def quantize_group(layer: nn.Module, adapter: ModelAdapter, group: list[str], spec: QuantSpec, *, method: str,
+                   moments: HessianAccumulator | None, clip_search: bool, target_damp: float = 3.0
+                   ) -> dict[str, QuantizedTensor]:
+    """Quantize the linears of one input group in place as one stacked matrix; ``moments`` (GPTQ): their inputs'
+    Hessian, with a cross moment (:class:`CrossAccumulator`) for the full-precision model's outputs as target
+    (ridge weight ``target_damp``)."""
+    qlins = fake_quant.quant_linears(layer, adapter)
+    weights = [qlins[p].linear.weight for p in group]
+    stacked = torch.cat([w.detach() for w in weights]).to(torch.float64)
+    if method == "gptq":
+        if isinstance(moments, CrossAccumulator):
+            stacked = fp_target_weight(stacked, moments.hessian, moments.cross, damp=target_damp)
+        qt = gptq_quantize(stacked, moments.hessian, spec, clip_search=clip_search)
+    else:
+        qt = quantize_weight_rtn(stacked.float(), spec, clip_search=clip_search)
+    result, start = {}, 0
+    for path, w in zip(group, weights):
+        rows = slice(start, start + w.shape[0])
+        start += w.shape[0]
+        part = QuantizedTensor(qt.q[rows].contiguous(), qt.scale[rows].contiguous(),
+                               None if qt.zero is None else qt.zero[rows].contiguous(), qt.spec)
+        with torch.no_grad():
+            w.copy_(dequantize(part, torch.float64).to(w.dtype))
+        result[path] = part
     return result
 
 
 def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *, method: str = "gptq",
                      calib_batches: list[torch.Tensor] | None = None, clip_search: bool = True,
+                     inputs: GptqInputs = "fp-activations", target_damp: float = 3.0,
                      device: torch.device | str = "cpu", progress: bool = True,
-                     on_layer: Callable[[int, dict[str, QuantizedTensor], LayerReport, list | None], None] | None = None,
+                     on_layer: Callable[[int, dict[str, QuantizedTensor], LayerReport, list | None, list | None],
+                                        None] | None = None,
                      start_layer: int = 0, resume_hidden: list[torch.Tensor] | None = None,
+                     resume_reference: list[torch.Tensor] | None = None,
                      ) -> dict[str, QuantizedTensor]:
     """Quantize every decoder linear; returns ``{"<layers>.<i>.<path>": QuantizedTensor}``.
 
-    ``on_layer`` is called after each layer (for checkpointing progress); ``start_layer``/``resume_hidden`` resume
-    a GPTQ run whose earlier layers are already quantized in ``model``.
+    ``inputs`` says what GPTQ's Hessians see (module docstring); ``target_damp`` is the asymmetric target's ridge
+    weight (:func:`conqur_vllm.gptq.fp_target_weight`). ``on_layer(index, qweights, report, hidden,
+    reference)`` is called after each layer (for checkpointing progress) with the hidden states leaving it (the
+    stream the next layer's Hessians read) and, for ``asymmetric``, the full-precision stream;
+    ``start_layer``/``resume_hidden``/``resume_reference`` resume a GPTQ run whose earlier layers are already
+    quantized in ``model``.
     """
     if method not in ("gptq", "rtn"):
         raise ValueError(f"weight quantizer {method!r} is unknown; use 'gptq' or 'rtn'")
+    if inputs not in ("fp-activations", "quantized", "asymmetric"):
+        raise ValueError(f"GPTQ inputs {inputs!r} are unknown; use 'fp-activations', 'quantized' or 'asymmetric'")
+    if inputs == "asymmetric" and resume_hidden is not None and resume_reference is None:
+        raise ValueError("resuming asymmetric GPTQ needs the full-precision stream (resume_reference)")
     device = torch.device(device)
     layers = adapter.decoder_layers(model)
     out: dict[str, QuantizedTensor] = {}
     saved_act = {m: m.act for m in model.modules() if isinstance(m, fake_quant.QuantLinear)}
     saved_attn = [layer.get_submodule(adapter.attention).conqur_attention for layer in layers]
-    fake_quant.set_activation_quant(model, fake_quant.ActQuant(bits=None))
-    for i, layer in enumerate(layers):
-        att = saved_attn[i]
-        layer.get_submodule(adapter.attention).conqur_attention = fake_quant.AttentionSim(r3=att.r3)
+    off_act = fake_quant.ActQuant(bits=None)
+    off_attn = [None if att is None else fake_quant.AttentionSim(r3=att.r3) for att in saved_attn]
+
+    def quantizers(on: bool) -> None:
+        for m, act in saved_act.items():
+            m.act = act if on else off_act
+        for layer, att, off in zip(layers, saved_attn, off_attn, strict=True):
+            layer.get_submodule(adapter.attention).conqur_attention = att if on else off
+
+    stream_quantized = method == "gptq" and inputs != "fp-activations"
+    quantizers(False)
     try:
-        hidden, kwargs = None, {}
+        hidden, reference, kwargs = None, None, {}
         if method == "gptq":
             if not calib_batches:
                 raise ValueError("GPTQ needs calibration batches; pass calib_batches or use method='rtn'")
             with torch.no_grad():
                 hidden, kwargs = capture_layer_inputs(model, adapter, calib_batches[:1] if resume_hidden
                                                       else calib_batches, device)
+                if inputs == "asymmetric":
+                    reference = list(hidden) if resume_reference is None else resume_reference
                 if resume_hidden is not None:
                     hidden = resume_hidden
         bar = tqdm(range(start_layer, len(layers)), desc=f"{method} layers", disable=not progress)
         for li in bar:
             t0 = time.perf_counter()
             layer = layers[li].to(device)
-            hessians, err = None, None
+            hessians, err, target = None, None, None
+            if method == "gptq" and stream_quantized:
+                qts, target = _gptq_layer_sequential(layer, adapter, spec, hidden, reference, kwargs, quantizers,
+                                                     clip_search, target_damp)
+            else:
+                if method == "gptq":
+                    hessians, target = _collect_hessians(layer, adapter, hidden, kwargs)
+                qts = quantize_layer_weights(layer, adapter, spec, method=method, hessians=hessians,
+                                             clip_search=clip_search)
             if method == "gptq":
-                hessians, fp_out = _collect_hessians(layer, adapter, hidden, kwargs)
-            qts = quantize_layer_weights(layer, adapter, spec, method=method, hessians=hessians,
-                                         clip_search=clip_search)
-            if method == "gptq":
+                quantizers(stream_quantized)
                 with torch.no_grad():
                     hidden = [_layer_forward(layer, h, kwargs) for h in hidden]
-                num = sum(float((h - f).pow(2).sum()) for h, f in zip(hidden, fp_out))
-                den = sum(float(f.pow(2).sum()) for f in fp_out)
+                if reference is not None:
+                    reference = target
+                num = sum(float((h - f).pow(2).sum()) for h, f in zip(hidden, target))
+                den = sum(float(f.pow(2).sum()) for f in target)
                 err = (num / den) ** 0.5
             prefix = f"{adapter.layers}.{li}"
             out.update({f"{prefix}.{path}": qt for path, qt in qts.items()})
@@ -157,20 +213,18 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
             if progress:
                 bar.write(report.line())
             if on_layer is not None:
-                on_layer(li, {f"{prefix}.{p}": qt for p, qt in qts.items()}, report, hidden)
+                on_layer(li, {f"{prefix}.{p}": qt for p, qt in qts.items()}, report, hidden, reference)
             if device.type != "cpu":
                 layers[li].to("cpu")
     finally:
-        for m, act in saved_act.items():
-            m.act = act
-        for layer, att in zip(layers, saved_attn):
-            layer.get_submodule(adapter.attention).conqur_attention = att
+        quantizers(True)
     return out
 
 
 def _collect_hessians(layer: nn.Module, adapter: ModelAdapter, hidden: list[torch.Tensor], kwargs: dict
                       ) -> tuple[dict[str, HessianAccumulator], list[torch.Tensor]]:
-    """One Hessian per input group (keyed by the group's first linear) and the layer's full-precision outputs."""
+    """One Hessian per input group (keyed by the group's first linear) and the layer's outputs before its weights
+    are quantized (with the quantizers as they are set)."""
     qlins = fake_quant.quant_linears(layer, adapter)
     accs = {}
     for group in adapter.input_groups:
@@ -184,3 +238,60 @@ def _collect_hessians(layer: nn.Module, adapter: ModelAdapter, hidden: list[torc
         for group in adapter.input_groups:
             qlins[group[0]].input_observer = None
     return accs, fp_out
+
+
+def _stopping_observer(moments: HessianAccumulator, reference: torch.Tensor | None) -> Callable:
+    """Fold the observed input (paired with ``reference``, when given) into ``moments``, then stop the forward:
+    nothing after this input is needed."""
+    def observe(x: torch.Tensor) -> None:
+        if reference is None:
+            moments.add(x)
+        else:
+            moments.add_pair(reference, x)
+        raise _StopForward
+    return observe
+
+
+def _gptq_layer_sequential(layer: nn.Module, adapter: ModelAdapter, spec: QuantSpec, hidden: list[torch.Tensor],
+                           reference: list[torch.Tensor] | None, kwargs: dict, quantizers: Callable[[bool], None],
+                           clip_search: bool, target_damp: float = 3.0
+                           ) -> tuple[dict[str, QuantizedTensor], list[torch.Tensor]]:
+    """GPTQ of one layer on the quantized stream, one input group after another (each group's inputs are read
+    with the groups before it already quantized, so o_proj and down_proj see what they will be fed).
+
+    With ``reference`` (asymmetric): the full-precision stream first runs through the layer's full-precision
+    weights, quantizers off, keeping every group's inputs (per batch) and the outputs, the target; each group
+    then aims at the full-precision outputs of its inputs. Without: the target is the layer's outputs before
+    quantization on the quantized stream. Returns the codes and the target outputs."""
+    qlins = fake_quant.quant_linears(layer, adapter)
+    heads = [group[0] for group in adapter.input_groups]
+    kept: dict[str, list[torch.Tensor]] = {p: [] for p in heads}
+    try:
+        if reference is not None:
+            for p in heads:
+                qlins[p].input_observer = kept[p].append
+        quantizers(reference is None)
+        with torch.no_grad():
+            target = [_layer_forward(layer, r, kwargs) for r in (reference if reference is not None else hidden)]
+    finally:
+        for p in heads:
+            qlins[p].input_observer = None
+    quantizers(True)
+    result: dict[str, QuantizedTensor] = {}
+    for group in adapter.input_groups:
+        head = qlins[group[0]]
+        moments = (CrossAccumulator if reference is not None else HessianAccumulator)(
+            head.linear.in_features, device=head.linear.weight.device)
+        for b, h in enumerate(hidden):
+            head.input_observer = _stopping_observer(moments, kept[group[0]][b] if reference is not None else None)
+            try:
+                with torch.no_grad():
+                    _layer_forward(layer, h, kwargs)
+            except _StopForward:
+                pass
+            finally:
+                head.input_observer = None
+        kept[group[0]].clear()
+        result.update(quantize_group(layer, adapter, group, spec, method="gptq", moments=moments,
+                                     clip_search=clip_search, target_damp=target_damp))
+    return result, target

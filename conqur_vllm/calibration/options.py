@@ -49,6 +49,14 @@ class CalibrationOptions(BaseModel):
     kv_bits: Literal[4, 8, 16] = 4
     weight_quantizer: Literal["gptq", "rtn"] = "gptq"
     group_size: int | None = None
+    gptq_inputs: Literal["fp-activations", "quantized", "asymmetric"] = Field(
+        default="asymmetric",
+        description="what GPTQ's Hessians see: fp-activations (activation/KV quantization off, as in QuaRot), "
+                    "quantized (the served model's inputs), asymmetric (measured default: those inputs, aiming "
+                    "at the full-precision model's outputs)")
+    gptq_target_damp: float = Field(
+        default=3.0, gt=0.0, description="asymmetric GPTQ: ridge weight (x mean diag H) keeping the target weight "
+                                         "near the original where the calibration inputs say little")
     embed_bits: Literal[4, 8, 16] = 4
     head_bits: Literal[4, 8, 16] = 4
     vocab_group_size: int | None = Field(default=32, gt=0, description="group of 4-bit embedding/head weights")

@@ -223,14 +223,15 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
         t0 = time.perf_counter()
         last_hidden: list = []
 
-        def keep_hidden(li, qts, report, hidden):
+        def keep_hidden(li, qts, report, hidden, reference):
             last_hidden[:] = hidden or []
             if on_layer is not None:
-                on_layer(li, qts, report, hidden)
+                on_layer(li, qts, report, hidden, reference)
 
         qweights = quantize_weights(model, adapter, spec, method=opts.weight_quantizer, calib_batches=batches,
-                                    clip_search=opts.clip_search, device=opts.device, progress=progress,
-                                    on_layer=keep_hidden)
+                                    clip_search=opts.clip_search, inputs=opts.gptq_inputs,
+                                    target_damp=opts.gptq_target_damp, device=opts.device,
+                                    progress=progress, on_layer=keep_hidden)
         qweights.update(quantize_vocab(model, adapter, opts, final_hidden=last_hidden))
         times["quantize_weights"] = time.perf_counter() - t0
     return CalibrationResult(model, tokenizer, rot, qweights, times, report, opts, clip_choice, shifts, key_shifts)

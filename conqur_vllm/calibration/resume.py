@@ -60,24 +60,27 @@ class CalibrationState:
         return Rotations(d["r1"], d["r2"], d["r3"], d["r4"], d["r4_block"]), d["report"]
 
     # layers ------------------------------------------------------------------------------------------------
-    def save_layer(self, index: int, qweights: dict[str, QuantizedTensor], hidden: list | None) -> None:
+    def save_layer(self, index: int, qweights: dict[str, QuantizedTensor], hidden: list | None,
+                   reference: list | None = None) -> None:
         """The layer's codes, then (one atomic file) the index of the last finished layer with the hidden states
-        leaving it, so a kill between the writes never pairs an index with another layer's hidden states."""
+        leaving it (and the full-precision stream, for asymmetric GPTQ), so a kill between the writes never
+        pairs an index with another layer's hidden states."""
         _atomic_save({k: tuple(qt) for k, qt in qweights.items()}, self.root / f"layer{index:04d}.pt")
-        _atomic_save({"last_layer": index, "hidden": hidden}, self.root / "progress.pt")
+        _atomic_save({"last_layer": index, "hidden": hidden, "reference": reference}, self.root / "progress.pt")
 
-    def load_layers(self) -> tuple[int, dict[str, QuantizedTensor], list | None]:
-        """(first layer still to do, weights of the layers done, hidden states entering that layer)."""
+    def load_layers(self) -> tuple[int, dict[str, QuantizedTensor], list | None, list | None]:
+        """(first layer still to do, weights of the layers done, hidden states entering that layer, the
+        full-precision stream entering it or None)."""
         progress_path = self.root / "progress.pt"
         if not progress_path.is_file():
-            return 0, {}, None
+            return 0, {}, None, None
         progress = torch.load(progress_path)
         last = progress["last_layer"]
         done: dict[str, QuantizedTensor] = {}
         for i in range(last + 1):
             saved = torch.load(self.root / f"layer{i:04d}.pt", weights_only=False)
             done.update({k: QuantizedTensor(*v) for k, v in saved.items()})
-        return last + 1, done, progress["hidden"]
+        return last + 1, done, progress["hidden"], progress.get("reference")
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -93,7 +93,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
 
         metrics.set_stage("quantize_weights")
         t0 = time.perf_counter()
-        start, done, hidden = state.load_layers()
+        start, done, hidden, reference = state.load_layers()
         layers = adapter.decoder_layers(model)
         for name, qt in done.items():
             lin = model.get_submodule(name).linear
@@ -102,8 +102,8 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
 
         final_hidden = [hidden]  # the last finished layer's outputs: the LM head's GPTQ inputs
 
-        def on_layer(index, qts, report, hidden_states):
-            state.save_layer(index, qts, hidden_states)
+        def on_layer(index, qts, report, hidden_states, reference_states):
+            state.save_layer(index, qts, hidden_states, reference_states)
             metrics.on_layer(index)
             final_hidden[0] = hidden_states
 
@@ -111,8 +111,9 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
         if start < len(layers):
             qweights.update(quantize_weights(
                 model, adapter, pipeline.weight_spec(opts), method=opts.weight_quantizer, calib_batches=batches,
-                clip_search=opts.clip_search, device=opts.device, progress=progress, on_layer=on_layer,
-                start_layer=start, resume_hidden=hidden))
+                clip_search=opts.clip_search, inputs=opts.gptq_inputs, target_damp=opts.gptq_target_damp,
+                device=opts.device, progress=progress,
+                on_layer=on_layer, start_layer=start, resume_hidden=hidden, resume_reference=reference))
         qweights.update(quantize_vocab(model, adapter, opts, final_hidden=final_hidden[0]))
         times["quantize_weights"] = time.perf_counter() - t0
 

@@ -1,0 +1,192 @@
+"""What GPTQ's Hessians see: activations unquantized, the served model's inputs, or those inputs aimed at the
+full-precision model's outputs (asymmetric calibration)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conqur_vllm import fake_quant
+from conqur_vllm.calibration import pipeline
+from conqur_vllm.calibration.layerwise import quantize_weights
+from conqur_vllm.calibration.options import CalibrationOptions, ConqurOptions
+from conqur_vllm.calibration.resume import CalibrationState
+from conqur_vllm.gptq import CrossAccumulator, HessianAccumulator, fp_target_weight, gptq_quantize
+from conqur_vllm.models.adapters import get_adapter
+from conqur_vllm.quant import QuantSpec, dequantize
+
+FAST = {"samples": 8, "seq_len": 64, "conqur": ConqurOptions(steps=2, batch_size=4)}
+
+
+def _paired_inputs(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference inputs with correlated features and offsets, and a quantized-model version of them (a
+    per-token rounding error plus a systematic distortion a weight can partly undo)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5 + torch.eye(d, dtype=torch.float64)
+    x_ref = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + 0.3
+    distortion = torch.eye(d, dtype=torch.float64) + 0.1 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    x = x_ref @ distortion + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x_ref, x
+
+
+def test_cross_moments_stream_like_the_float64_reference() -> None:
+    x_ref, x = _paired_inputs(3000, 40)
+    acc = CrossAccumulator(40)
+    for a, b in zip(x_ref.split([1000, 7, 1993]), x.split([1000, 7, 1993]), strict=True):
+        acc.add_pair(a.float().view(1, -1, 40), b.float().view(1, -1, 40))
+    cross = 2.0 / 3000 * x_ref.T @ x
+    hessian = 2.0 / 3000 * x.T @ x
+    assert acc.count == 3000
+    assert float((acc.cross - cross).norm() / cross.norm()) < 1e-6
+    assert float((acc.hessian - hessian).norm() / hessian.norm()) < 1e-6
+
+
+def test_fp_target_weight_is_the_least_squares_map() -> None:
+    x_ref, x = _paired_inputs(4000, 32, seed=1)
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    acc = CrossAccumulator(32)
+    acc.add_pair(x_ref, x)
+    v = fp_target_weight(w, acc.hessian, acc.cross, damp=0.0)
+    reference = torch.linalg.lstsq(x, x_ref @ w.T).solution.T
+    assert float((v - reference).norm() / reference.norm()) < 1e-8
+    # the ridge term keeps the map near W: heavy damping returns W, and the distance falls with the damping
+    distance = [float((fp_target_weight(w, acc.hessian, acc.cross, damp=d) - w).norm()) for d in (0.0, 1.0, 1e6)]
+    assert distance[0] > distance[1] > 1e3 * distance[2], distance
+
+
+def test_gptq_of_the_target_weight_lowers_the_asymmetric_error() -> None:
+    """sum ||Q x - W x_ref||^2: GPTQ of W C H^-1 beats GPTQ of W itself (both against the quantized inputs' H)."""
+    x_ref, x = _paired_inputs(4096, 64, seed=3)
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    acc = CrossAccumulator(64)
+    acc.add_pair(x_ref, x)
+    spec = QuantSpec(bits=4, symmetric=True)
+    plain = gptq_quantize(w, acc.hessian, spec, clip_search=False)
+    aimed = gptq_quantize(fp_target_weight(w, acc.hessian, acc.cross), acc.hessian, spec, clip_search=False)
+
+    def err(qt) -> float:
+        return float((x @ dequantize(qt, torch.float64).T - x_ref @ w.T).norm() / (x_ref @ w.T).norm())
+
+    assert err(aimed) < 0.7 * err(plain), (err(aimed), err(plain))
+
+
+def _calibrated(tiny_llama_dir, text_file, **kw):
+    model, tok = pipeline.load_model(tiny_llama_dir)
+    opts = CalibrationOptions(calib_text=str(text_file), method="quarot", **{**FAST, **kw})
+    result = pipeline.calibrate_model(model, tok, opts, text_file.read_text(), progress=False)
+    return model, tok, result
+
+
+def _output_error(model, fp_model, batches) -> float:
+    """Relative error of the fake-quantized model's logits against the full-precision model's."""
+    num = den = 0.0
+    with torch.no_grad():
+        for ids in batches:
+            ref = fp_model(ids, use_cache=False).logits.double()
+            num += float((model(ids, use_cache=False).logits.double() - ref).pow(2).sum())
+            den += float(ref.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def test_served_inputs_change_the_weights_and_asymmetric_tracks_the_fp_model(tiny_llama_dir, text_file):
+    fp_model, tok = pipeline.load_model(tiny_llama_dir)
+    opts = CalibrationOptions(calib_text=str(text_file), method="quarot", **FAST)
+    batches = pipeline.calibration_batches(tok, text_file.read_text(), opts.samples, opts.seq_len, 4, opts.seed)
+    runs = {mode: _calibrated(tiny_llama_dir, text_file, gptq_inputs=mode)
+            for mode in ("fp-activations", "quantized", "asymmetric")}
+    codes = {mode: torch.cat([qt.q.flatten() for name, qt in sorted(r[2].qweights.items()) if "layers" in name])
+             for mode, r in runs.items()}
+    assert not torch.equal(codes["fp-activations"], codes["quantized"])
+    assert not torch.equal(codes["quantized"], codes["asymmetric"])
+    errors = {mode: _output_error(r[0], fp_model, batches) for mode, r in runs.items()}
+    # on its calibration data the asymmetric target follows the full-precision model more closely
+    assert errors["asymmetric"] < errors["fp-activations"], errors
+
+
+def test_quantized_inputs_are_read_one_group_after_another(tiny_llama_dir, text_file):
+    """o_proj's Hessian comes from the attention outputs of the already-quantized q/k/v weights (as it will be
+    fed when served), not from those of the full-precision ones."""
+    from conqur_vllm.calibration import layerwise
+
+    model, tok = pipeline.load_model(tiny_llama_dir)
+    opts = CalibrationOptions(calib_text=str(text_file), method="quarot", a_clip=0.9, **FAST)
+    adapter = get_adapter(model.config)
+    pipeline.apply_rotations(model, adapter, pipeline.initial_rotations(model, opts))
+    pipeline.set_quantizers(model, opts, r3=True)
+    batches = pipeline.calibration_batches(tok, text_file.read_text(), 8, 64, 4, 0)
+    o_proj = adapter.input_groups[1][0]
+    layer0 = adapter.decoder_layers(model)[0]
+
+    def o_proj_hessian() -> torch.Tensor:
+        acc = HessianAccumulator(fake_quant.quant_linears(layer0, adapter)[o_proj].linear.in_features)
+        fake_quant.quant_linears(layer0, adapter)[o_proj].input_observer = acc.add
+        hidden, kwargs = layerwise.capture_layer_inputs(model, adapter, batches, torch.device("cpu"))
+        with torch.no_grad():
+            for h in hidden:
+                layer0(h, **kwargs)
+        fake_quant.quant_linears(layer0, adapter)[o_proj].input_observer = None
+        return acc.hessian
+
+    before = o_proj_hessian()  # full-precision q/k/v
+    recorded = {}
+    original = layerwise.quantize_group
+
+    def spy(layer, adapter_, group, *args, **kw):
+        if layer is layer0 and group[0] == o_proj:
+            recorded["h"] = kw["moments"].hessian.clone()
+        return original(layer, adapter_, group, *args, **kw)
+
+    layerwise.quantize_group = spy
+    try:
+        quantize_weights(model, adapter, pipeline.weight_spec(opts), calib_batches=batches, inputs="quantized",
+                         progress=False)
+    finally:
+        layerwise.quantize_group = original
+    after = o_proj_hessian()  # quantized q/k/v (o_proj's own weights do not change its inputs)
+    assert float((recorded["h"] - after).norm() / after.norm()) < 1e-6
+    assert float((recorded["h"] - before).norm() / before.norm()) > 1e-3
+
+
+def test_layerwise_leaves_the_quantizers_on_and_reports_both_streams(tiny_llama_dir, text_file):
+    model, tok = pipeline.load_model(tiny_llama_dir)
+    opts = CalibrationOptions(calib_text=str(text_file), method="quarot", a_clip=0.9, **FAST)
+    adapter = get_adapter(model.config)
+    pipeline.apply_rotations(model, adapter, pipeline.initial_rotations(model, opts))
+    pipeline.set_quantizers(model, opts, r3=True)
+    before = {m: m.act for m in model.modules() if isinstance(m, fake_quant.QuantLinear)}
+    batches = pipeline.calibration_batches(tok, text_file.read_text(), 8, 64, 4, 0)
+    seen = []
+    quantize_weights(model, adapter, pipeline.weight_spec(opts), calib_batches=batches, inputs="asymmetric",
+                     progress=False, on_layer=lambda i, q, r, h, ref: seen.append((i, len(h), len(ref), r)))
+    assert [s[:3] for s in seen] == [(i, 2, 2, ) for i in range(len(seen))]
+    assert all(0 < s[3].output_rel_error < 1 for s in seen)
+    assert all(m.act is act for m, act in before.items())
+
+
+def test_resume_state_keeps_the_reference_stream(tmp_path) -> None:
+    state = CalibrationState(tmp_path / "out", "abcd", resume=False)
+    hidden, reference = [torch.randn(2, 4, 8)], [torch.randn(2, 4, 8)]
+    state.save_layer(0, {}, hidden, reference)
+    start, _, h, r = CalibrationState(tmp_path / "out", "abcd", resume=True).load_layers()
+    assert start == 1 and torch.equal(h[0], hidden[0]) and torch.equal(r[0], reference[0])
+
+
+def test_resuming_asymmetric_without_the_reference_stream_is_refused(tiny_llama_dir):
+    model, _ = pipeline.load_model(tiny_llama_dir)
+    adapter = get_adapter(model.config)
+    with pytest.raises(ValueError, match="resume_reference"):
+        quantize_weights(model, adapter, QuantSpec(bits=4), calib_batches=[torch.ones(1, 8, dtype=torch.long)],
+                         inputs="asymmetric", resume_hidden=[torch.zeros(1, 8, 64)], progress=False)
+
+
+def test_cli_flag_reaches_the_options(tmp_path):
+    from conqur_vllm.cli import _options, build_parser
+
+    args = build_parser().parse_args(["calibrate", "-o", str(tmp_path / "o"), "--gptq-inputs", "asymmetric"])
+    assert _options(args).gptq_inputs == "asymmetric"
+    bad = subprocess.run([sys.executable, "-m", "conqur_vllm.cli", "calibrate", "-o", str(tmp_path / "o"),
+                          "--gptq-inputs", "fp"], check=False, capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'fp'" in bad.stderr
