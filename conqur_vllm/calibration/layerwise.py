@@ -27,7 +27,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from conqur_vllm import fake_quant
-from conqur_vllm.gptq import CrossAccumulator, HessianAccumulator, fp_target_weight, gptq_quantize
+from conqur_vllm.gptq import (
+    TARGET_DAMP,
+    CrossAccumulator,
+    HessianAccumulator,
+    fp_target_weight,
+    gptq_quantize,
+)
 from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import QuantizedTensor, QuantSpec, dequantize, quantize_weight_rtn
 
@@ -107,7 +113,7 @@ def quantize_layer_weights(layer: nn.Module, adapter: ModelAdapter, spec: QuantS
 
 
 def quantize_group(layer: nn.Module, adapter: ModelAdapter, group: list[str], spec: QuantSpec, *, method: str,
-                   moments: HessianAccumulator | None, clip_search: bool, target_damp: float = 3.0
+                   moments: HessianAccumulator | None, clip_search: bool, target_damp: float = TARGET_DAMP
                    ) -> dict[str, QuantizedTensor]:
     """Quantize the linears of one input group in place as one stacked matrix; ``moments`` (GPTQ): their inputs'
     Hessian, with a cross moment (:class:`CrossAccumulator`) for the full-precision model's outputs as target
@@ -135,7 +141,7 @@ def quantize_group(layer: nn.Module, adapter: ModelAdapter, group: list[str], sp
 
 def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *, method: str = "gptq",
                      calib_batches: list[torch.Tensor] | None = None, clip_search: bool = True,
-                     inputs: GptqInputs = "fp-activations", target_damp: float = 3.0,
+                     inputs: GptqInputs = "fp-activations", target_damp: float = TARGET_DAMP,
                      device: torch.device | str = "cpu", progress: bool = True,
                      on_layer: Callable[[int, dict[str, QuantizedTensor], LayerReport, list | None, list | None],
                                         None] | None = None,
@@ -254,7 +260,7 @@ def _stopping_observer(moments: HessianAccumulator, reference: torch.Tensor | No
 
 def _gptq_layer_sequential(layer: nn.Module, adapter: ModelAdapter, spec: QuantSpec, hidden: list[torch.Tensor],
                            reference: list[torch.Tensor] | None, kwargs: dict, quantizers: Callable[[bool], None],
-                           clip_search: bool, target_damp: float = 3.0
+                           clip_search: bool, target_damp: float = TARGET_DAMP
                            ) -> tuple[dict[str, QuantizedTensor], list[torch.Tensor]]:
     """GPTQ of one layer on the quantized stream, one input group after another (each group's inputs are read
     with the groups before it already quantized, so o_proj and down_proj see what they will be fed).

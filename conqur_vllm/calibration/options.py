@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from conqur_vllm.gptq import TARGET_DAMP
+
 
 class ConqurOptions(BaseModel):
     """Knobs of the ConQuR rotation learner (defaults chosen by measurement, see benchmarks/RESULTS.md)."""
@@ -55,7 +57,7 @@ class CalibrationOptions(BaseModel):
                     "quantized (the served model's inputs), asymmetric (measured default: those inputs, aiming "
                     "at the full-precision model's outputs)")
     gptq_target_damp: float = Field(
-        default=3.0, gt=0.0, description="asymmetric GPTQ: ridge weight (x mean diag H) keeping the target weight "
+        default=TARGET_DAMP, gt=0.0, description="asymmetric GPTQ: ridge weight (x mean diag H) keeping the target weight "
                                          "near the original where the calibration inputs say little")
     embed_bits: Literal[4, 8, 16] = 4
     head_bits: Literal[4, 8, 16] = 4
