@@ -143,12 +143,33 @@ def check_quant(m: int, k: int) -> None:
         same = torch.equal(yk, yr) if plan.m == 1 else float((yk.float() - yr.float()).abs().max()) <= float(
             yr.float().abs().max()) * 2.0**-7
         record("hadamard_transform", same and not yk.isnan().any(), M=m, K=k, block=block)
+    check_centered(x + 1.5, k)
     q = torch.full((m, k), 127, dtype=torch.int8, device="cuda")
     s = torch.full((m, 1), float("nan"), device="cuda")
     triton_quant.quantize_per_token(x, 8, 1.0, out=(q, s))
     ref_q, ref_s = reference_fn(reference.quantize_per_token)(x, 8, 1.0)
     record("quantize_per_token", torch.equal(q, ref_q) and torch.equal(s, ref_s), M=m, K=k,
            code_mismatches=int((q != ref_q).sum()), scale_mismatches=int((s != ref_s).sum()))
+
+
+def check_centered(x: torch.Tensor, k: int) -> None:
+    """Centered asymmetric codes (plain, and fused with the full-row Hadamard) against the reference op."""
+    m = x.shape[0]
+    ref = reference_fn(reference.quantize_per_token_centered)(x.float(), 4, 0.8)
+    got = triton_quant.quantize_per_token_centered(x, 4, 0.8)
+    record("quantize_per_token_centered", torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), M=m, K=k,
+           code_mismatches=int((got[0] != ref[0]).sum()))
+    if not triton_quant.supports(k):
+        return
+    y = fast_hadamard_transform(x.float())
+    ref = reference_fn(reference.quantize_per_token_centered)(y, 4, 0.8)
+    c, s = triton_quant.hadamard_quantize_centered(x, None, 4, 0.8)
+    if triton_quant.row_plan(k, None).m == 1:
+        ok = torch.equal(c, ref[0]) and torch.equal(s, ref[1])
+    else:  # a dense factor: scales within 1e-6, codes within one step at under 1% of positions
+        ok = (float(((s - ref[1]).abs() / ref[1]).max()) < 1e-6
+              and int((c.int() - ref[0].int()).abs().max()) <= 1 and float((c != ref[0]).float().mean()) < 0.01)
+    record("hadamard_quantize_centered", ok, M=m, K=k, code_mismatches=int((c != ref[0]).sum()))
 
 
 def check_dispatch() -> None:

@@ -50,8 +50,9 @@ def print_memory(checkpoint: Path) -> None:
 
 
 def bench(model_dir: Path, plain: bool, prompts: list[str], max_tokens: int, concurrency: int, log: Path,
-          dtype: str = "bfloat16") -> dict:
-    args = ["--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", str(max(concurrency, 8)), "--dtype", dtype]
+          dtype: str = "bfloat16", compiled: bool = False) -> dict:
+    args = [] if compiled else ["--enforce-eager"]
+    args += ["--max-model-len", "2048", "--max-num-seqs", str(max(concurrency, 8)), "--dtype", dtype]
     with RunningServer(model_dir, args, log_path=log, plain_model=plain) as server:
         asyncio.run(run_load(server.url, str(model_dir), prompts[:4], 8, 4))  # warm-up
         return asyncio.run(run_load(server.url, str(model_dir), prompts, max_tokens, concurrency))
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--memory-only", action="store_true", help="print the stored weight memory table and exit")
     ap.add_argument("--fp32-baseline", action="store_true",
                     help="also serve the plain model in float32 (CPUs without bf16 units run bf16 slowly)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="serve every model with vLLM's torch.compile graphs instead of --enforce-eager")
     args = ap.parse_args()
     if args.memory_only:
         print_memory(Path(args.checkpoint))
@@ -81,7 +84,7 @@ def main() -> None:
         runs.insert(1, ("fp32", assets.smollm2_dir(), True, "float32"))
     for name, path, plain, dtype in runs:
         rows[name] = {**bench(path, plain, prompts, args.max_tokens, args.concurrency, out / f"server-{name}.log",
-                              dtype),
+                              dtype, args.compiled),
                       "weight_bytes": {k: v * (2 if dtype == "float32" else 1)  # bf16 files held as float32
                                        for k, v in weight_bytes(path).items()}}
         print(json.dumps({name: rows[name]}), file=sys.stderr, flush=True)

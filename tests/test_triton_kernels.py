@@ -118,6 +118,66 @@ def test_plain_quantize_matches_reference_with_and_without_absmax(m, k, bits):
     assert torch.equal(scale, ref_scale) and torch.equal(q, ref_q)
 
 
+def _centered_reference(x: torch.Tensor, block: int | None, bits: int, clip: float, row_min=None, row_max=None):
+    y = x.float() if block is False else fast_hadamard_transform(x.float(), block)
+    return reference.quantize_per_token_centered(y, bits, clip, row_min, row_max)
+
+
+@pytest.mark.parametrize(("m", "k", "block", "bits", "clip", "dtype"), [
+    (1, 64, None, 4, 1.0, torch.float32),
+    (5, 128, None, 4, 0.8, torch.bfloat16),
+    (32, 128, 32, 7, 0.95, torch.float32),
+    (5, 64, 16, 4, 0.85, torch.float16),
+])
+def test_centered_hadamard_quantize_bit_exact(m, k, block, bits, clip, dtype):
+    x = _activations(m, k, seed=k + 3 * m, dtype=dtype) + 1.5  # an offset: the zero points are not all 0
+    c, scale = tq.hadamard_quantize_centered(x, block, bits, clip)
+    ref_c, ref_scale = _centered_reference(x, block, bits, clip)
+    assert c.dtype == torch.int8 and c.shape == (m, k) and scale.shape == (m, 1)
+    assert torch.equal(scale, ref_scale) and torch.equal(c, ref_c)
+    q, s, zero = reference.quantize_per_token_asym(fast_hadamard_transform(x.float(), block), bits, clip)
+    assert torch.equal(c.float(), q.float() - zero) and torch.equal(s, scale)
+    assert int(c.abs().max()) <= (1 << bits) - 1 and bool((zero != -(1 << (bits - 1))).any())
+
+
+@pytest.mark.parametrize(("m", "k", "bits"), [(5, 100, 4), (3, 64, 6)])
+def test_centered_plain_quantize_matches_reference_with_and_without_row_range(m, k, bits):
+    x = _activations(m, k, seed=11 * k) - 2.0
+    assert all(torch.equal(a, b) for a, b in zip(tq.quantize_per_token_centered(x, bits, 0.9),
+                                                 _centered_reference(x, False, bits, 0.9), strict=True))
+    widen = torch.linspace(1.0, 2.0, m)[:, None]
+    row_min, row_max = x.amin(1, keepdim=True) * widen, x.amax(1, keepdim=True) * widen
+    c, scale = tq.quantize_per_token_centered(x, bits, 0.9, row_min, row_max)
+    ref_c, ref_scale = _centered_reference(x, False, bits, 0.9, row_min, row_max)
+    assert torch.equal(scale, ref_scale) and torch.equal(c, ref_c)
+    assert not torch.equal(scale, tq.quantize_per_token_centered(x, bits, 0.9)[1])
+    with pytest.raises(ValueError, match="both row_min and row_max"):
+        tq.quantize_per_token_centered(x, bits, 0.9, row_min)
+    with pytest.raises(ValueError, match="2..7 bits"):
+        tq.quantize_per_token_centered(x, 8, 0.9)
+
+
+def test_centered_codes_rounding_and_degenerate_rows():
+    s = 0.25  # row range [-0.5, 3.25]: 15 steps of 0.25, zero point 2
+    row = torch.tensor([-0.5, 3.25, 0.125, 0.375, -0.125, 1.0, 2.875, 0.0])
+    x = torch.stack([row, torch.zeros_like(row), torch.full_like(row, 2.0)])
+    c, scale = tq.quantize_per_token_centered(x, 4, 1.0)
+    assert torch.equal(c[0], torch.tensor([-2, 13, 0, 2, 0, 4, 12, 0], dtype=torch.int8))  # ties to even
+    assert torch.equal(scale[:2], torch.tensor([[s], [1.0]])) and torch.equal(c[1], torch.zeros_like(c[1]))
+    assert torch.equal(c[2], torch.full_like(c[2], 15))  # all-positive row: range widened to 0, code 15
+    ref_c, ref_scale = reference.quantize_per_token_centered(x, 4, 1.0)
+    assert torch.equal(c, ref_c) and torch.equal(scale, ref_scale)
+
+
+@pytest.mark.parametrize(("m", "k", "block"), [(4, 192, None), (3, 384, 192)])
+def test_centered_dense_factor_within_one_code_at_ties(m, k, block):
+    x = _activations(m, k, seed=k + 1) + 0.7
+    c, scale = tq.hadamard_quantize_centered(x, block, 4, 0.8)
+    ref_c, ref_scale = _centered_reference(x, block, 4, 0.8)
+    assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+    assert (c.to(torch.int32) - ref_c).abs().max() <= 1 and (c != ref_c).float().mean() < 0.01
+
+
 @pytest.mark.parametrize("precision", tq.PRECISIONS)
 @pytest.mark.parametrize(("m", "k", "block"), [(4, 192, None), (3, 384, 192)])
 def test_dense_factor_matches_float64_up_to_ties(m, k, block, precision):
@@ -259,7 +319,12 @@ def test_ops_have_cuda_kernels_and_exact_references():
     a_scale, w_scale, bias = torch.rand(3, 1) + 0.5, torch.rand(16, 2) + 0.5, torch.randn(16)
     out = torch.ops.conqur.int4_scaled_mm(a, a_scale, pack_int4(w), w_scale, bias, torch.float32)
     assert torch.equal(out, reference.int_scaled_mm(a, a_scale, w, w_scale, bias, torch.float32))
+    c, c_scale = torch.ops.conqur.hadamard_quantize_per_token_centered(x, 128, 4, 0.8)
+    ref = reference.quantize_per_token_centered(fast_hadamard_transform(x, 128), 4, 0.8)
+    assert torch.equal(c, ref[0]) and torch.equal(c_scale, ref[1])
     for op, args in ((torch.ops.conqur.hadamard_quantize_per_token.default, (x, 128, 4, 0.9)),
+                     (torch.ops.conqur.hadamard_quantize_per_token_centered.default, (x, 128, 4, 0.8)),
+                     (torch.ops.conqur.quantize_per_token_centered.default, (x, 4, 0.8)),
                      (torch.ops.conqur.int4_scaled_mm.default,
                       (a, a_scale, pack_int4(w), w_scale, bias, torch.bfloat16))):
         assert all(v == "SUCCESS" for v in torch.library.opcheck(op, args).values())

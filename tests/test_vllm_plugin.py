@@ -94,6 +94,26 @@ def test_quantize_per_token_asym_uses_given_row_range() -> None:
     assert torch.equal(zero, torch.round(-lo / scale) - 8) and int(q.min()) > -8 and int(q.max()) < 7
 
 
+@pytest.mark.parametrize("bits", [4, 7])
+def test_centered_codes_carry_the_zero_point(bits: int) -> None:
+    """c = q - zero fits int8, x ~ scale c, and the plain GEMM on c equals the GEMM plus the zero-point term."""
+    g = torch.Generator().manual_seed(10 + bits)
+    x = torch.randn(21, 128, generator=g) * 2 + torch.randn(21, 1, generator=g) * 3 + 1.0
+    c, scale = torch.ops.conqur.quantize_per_token_centered(x, bits, 0.9)
+    q, scale_asym, zero = torch.ops.conqur.quantize_per_token_asym(x, bits, 0.9)
+    assert c.dtype == torch.int8 and torch.equal(scale, scale_asym) and torch.equal(c.float(), q.float() - zero)
+    assert int(c.abs().max()) > (1 << (bits - 1))  # wider than the signed 4-bit range: needs the int8 GEMM
+    assert torch.equal(scale * c.float(), fake_quantize(x, activation_spec(bits, 0.9, symmetric=False)))
+    w = torch.randint(-8, 8, (48, 128), dtype=torch.int8, generator=g)
+    w_scale = torch.rand(48, 1, generator=g) + 0.1
+    w_sum = (w.float() * w_scale).sum(1)
+    gemm = make_int_gemm(w, w_scale, torch.float32, "reference")
+    with_term = gemm(q, scale, None).addr(scale.view(-1) * zero.view(-1), w_sum, alpha=-1)
+    assert rel_err(with_term.double(), gemm(c, scale, None).double()) < 1e-6
+    with pytest.raises(ValueError, match="do not fit int8"):
+        torch.ops.conqur.quantize_per_token_centered(x, 8, 0.9)
+
+
 def test_quantize_per_token_uses_given_row_maxima() -> None:
     x = torch.randn(4, 64)
     absmax = 2 * x.abs().amax(dim=-1, keepdim=True)
@@ -189,6 +209,9 @@ def test_custom_ops_pass_opcheck() -> None:
     torch.library.opcheck(torch.ops.conqur.quantize_per_token_asym.default, (x, 4, 0.9))
     torch.library.opcheck(torch.ops.conqur.quantize_per_token_asym.default,
                           (x, 8, 1.0, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)))
+    torch.library.opcheck(torch.ops.conqur.quantize_per_token_centered.default, (x, 4, 0.9))
+    torch.library.opcheck(torch.ops.conqur.quantize_per_token_centered.default,
+                          (x, 7, 1.0, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)))
     torch.library.opcheck(torch.ops.conqur.hadamard_transform.default, (x, 0))
     torch.library.opcheck(torch.ops.conqur.hadamard_transform.default, (x, 16))
 
@@ -217,7 +240,8 @@ def test_ops_under_torch_compile(backend: str) -> None:
         a, a_s = torch.ops.conqur.quantize_per_token(x, 4, 0.9)
         b, b_s, b_z = torch.ops.conqur.quantize_per_token_asym(x + 1.0, 4, 0.9)
         asym = gemm(b, b_s, None).addr(b_s.view(-1) * b_z.view(-1), w_sum, alpha=-1)
-        return F.silu(gemm(a, a_s, None)) + asym
+        c, c_s = torch.ops.conqur.quantize_per_token_centered(x - 1.0, 4, 0.9)
+        return F.silu(gemm(a, a_s, None)) + asym + gemm(c, c_s, None)
 
     x = torch.randn(24, 128, generator=g)
     eager = forward(x)
@@ -336,7 +360,8 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
     if c.get("asym"):  # the same layer with symmetric codes computes something measurably different
         xs = fake_quantize((xr - mu).float(), activation_spec(c["act_bits"], 0.9)).double() + mu
         assert rel_err(xs @ w_deq.t() + (0 if bias is None else bias.double()), out.reshape(-1, n)) > 10 * max(err, 1e-7)
-        assert layer.weight_sum.shape == (n,)
+        # 4-bit codes are centered (q - zero fits int8): no rank-1 term; 8-bit ones keep it
+        assert hasattr(layer, "weight_sum") == (c["act_bits"] == 8)
     if shift is not None:  # the same layer without its shift quantizes x itself: measurably different
         unshifted = fake_quantize(xr.float(), activation_spec(c["act_bits"], 0.9)).double() @ w_deq.t()
         assert rel_err(unshifted + (0 if bias is None else bias.double()), out.reshape(-1, n)) > 10 * max(err, 1e-7)
@@ -356,30 +381,33 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
             assert layer.weight_int4.dtype == torch.int32 and layer.weight_int4.shape == (n, k // 8)
 
 
+@pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("case", ["R4 down_proj", "R4 block-64 + group-32"])
-def test_fused_r4_quantization_path_matches_float64(vllm_tp1: None, case: str, monkeypatch) -> None:
+def test_fused_r4_quantization_path_matches_float64(vllm_tp1: None, case: str, asym: bool, monkeypatch) -> None:
     """The CUDA path's fused Hadamard + quantization op (its reference implementation here) computes the same."""
     from conqur_vllm.vllm_plugin.linear_method import ConqurLinearMethod
 
     calls = []
-    fused = torch.ops.conqur.hadamard_quantize_per_token
+    name = "hadamard_quantize_per_token_centered" if asym else "hadamard_quantize_per_token"
+    fused = getattr(torch.ops.conqur, name)
     monkeypatch.setattr(ConqurLinearMethod, "fuse_r4_quant", lambda self, layer, x: True)
-    monkeypatch.setattr(torch.ops.conqur, "hadamard_quantize_per_token",
-                        lambda *a: calls.append(a[1:]) or fused(*a), raising=False)
+    monkeypatch.setattr(torch.ops.conqur, name, lambda *a: calls.append(a[1:]) or fused(*a), raising=False)
     c = LINEAR_CASES[case]
     m, k, n = 40, 256, 192
     g = torch.Generator().manual_seed(7)
-    config = _plugin_config(weights={"group_size": c["group_size"]},
+    config = _plugin_config(weights={"group_size": c["group_size"]}, activations={"symmetric": not asym},
                             online_transforms=[{"site": "down_proj_input", "size": k, "block": c["r4"] or None}])
     method = ConqurLinearMethod(config, c["prefix"], backend="int4")
     w = torch.randn(n, k, generator=g) / math.sqrt(k)
     layer, w_deq = _build_layer(method, w, None, c["group_size"])
-    x = torch.randn(m, k, generator=g) * 2
+    x = torch.randn(m, k, generator=g) * 2 + torch.randn(k, generator=g)
     out = method.apply(layer, x)
     xr = x.double() @ (block_hadamard_matrix(k, c["r4"]) if c["r4"] else hadamard_matrix(k))
-    ref = fake_quantize(xr.float(), activation_spec(4, 0.9)).double() @ w_deq.t()
+    ref = fake_quantize(xr.float(), activation_spec(4, 0.9, symmetric=not asym)).double() @ w_deq.t()
+    other = fake_quantize(xr.float(), activation_spec(4, 0.9, symmetric=asym)).double() @ w_deq.t()
     assert calls == [(c["r4"] or 0, 4, 0.9)]
-    assert rel_err(ref, out) < 1e-5
+    err = rel_err(ref, out)
+    assert err < 1e-5 and rel_err(other, out) > 10 * max(err, 1e-7)
 
 
 @pytest.mark.parametrize(("shifted", "asym"), [(False, False), (True, False), (True, True)])
@@ -488,17 +516,19 @@ def test_get_quant_method_dispatch() -> None:
     embed = vocab.get_quant_method(_bare(VocabParallelEmbedding), "")  # vLLM's Llama builds it without a prefix
     assert isinstance(head, ConqurVocabMethod) and (head.bits, head.group_size) == (8, None)
     assert isinstance(embed, ConqurVocabMethod) and (embed.bits, embed.group_size) == (4, 32)
+    assert not embed.codes_int8
     head_only = _plugin_config(vocab={"embed_bits": 16, "head_bits": 4})
     assert head_only.get_quant_method(_bare(VocabParallelEmbedding), "") is None
-    assert head_only.get_quant_method(_bare(ParallelLMHead), "lm_head").bits == 4
+    head4 = head_only.get_quant_method(_bare(ParallelLMHead), "lm_head")
+    assert head4.bits == 4 and head4.codes_int8
     partial = _plugin_config(ignore=["q_proj"])
     partial.packed_modules_mapping = cfg.packed_modules_mapping
     with pytest.raises(CheckpointConfigError, match="covers only some of"):
         partial.get_quant_method(_bare(QKVParallelLinear), "model.layers.0.self_attn.qkv_proj")
 
 
-@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (8, None)])
-def test_vocab_method_matches_float64(bits: int, group_size: int | None, monkeypatch) -> None:
+@pytest.mark.parametrize(("bits", "group_size", "head"), [(4, 32, False), (4, 32, True), (8, None, False)])
+def test_vocab_method_matches_float64(bits: int, group_size: int | None, head: bool, monkeypatch) -> None:
     """Looked-up rows and chunked LM-head logits equal the float64 product with the dequantized codes."""
     from conqur_vllm.vllm_plugin import vocab_method
 
@@ -508,7 +538,7 @@ def test_vocab_method_matches_float64(bits: int, group_size: int | None, monkeyp
     w = torch.randn(vocab, dim, generator=g)
     qt = quantize_weight_rtn(w, QuantSpec(bits, group_size=group_size), clip_search=True)
     tensors = quantized_linear_tensors("emb", qt)
-    method = vocab_method.ConqurVocabMethod(bits, group_size, "emb")
+    method = vocab_method.ConqurVocabMethod(bits, group_size, "emb", head=head)
     layer = nn.Module()
     method.create_weights(layer, dim, [vocab], dim, vocab, torch.float32,
                           weight_loader=lambda param, loaded: param.data.copy_(loaded))
@@ -523,7 +553,8 @@ def test_vocab_method_matches_float64(bits: int, group_size: int | None, monkeyp
     bias = torch.randn(vocab, generator=g)
     assert rel_err(x.double() @ ref.T + bias.double(), method.apply(layer, x, bias)) < 1e-6
     resident = layer.weight_packed.element_size() * layer.weight_packed.numel()
-    assert resident == vocab * dim * bits // 8  # packed INT4 or int8 codes: never a float copy
+    # packed INT4 (embedding) or int8 codes (8-bit, and the head's INT4 codes): never a float copy
+    assert resident == vocab * dim * (1 if head else bits / 8)
 
 
 def test_register_is_idempotent_and_declared_as_entry_point() -> None:

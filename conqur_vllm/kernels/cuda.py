@@ -6,6 +6,9 @@ On CUDA tensors these ops run Triton kernels; on every other device they run the
   (defined in ``reference.py`` / ``transforms.py``);
 - ``conqur::hadamard_quantize_per_token(x, block, bits, clip_ratio) -> (q, scale)``: ``quantize_per_token`` of
   the float32 ``fast_hadamard_transform(x, block or None)``, fused into one pass on CUDA;
+- ``conqur::quantize_per_token_centered`` (``reference.py``) and
+  ``conqur::hadamard_quantize_per_token_centered(x, block, bits, clip_ratio) -> (c, scale)``: the same with
+  centered asymmetric codes, one Triton pass each on CUDA;
 - ``conqur::int4_scaled_mm(a_q, a_scale, b_packed, b_scale, bias, out_dtype)``: ``int_scaled_mm`` with the
   weights packed INT4 ``[N, K/8]`` int32 (compressed-tensors layout), unpacked in-kernel on CUDA.
 
@@ -42,6 +45,19 @@ def hadamard_quantize_per_token(x: Tensor, block: int, bits: int, clip_ratio: fl
 
 
 @hadamard_quantize_per_token.register_fake
+def _(x: Tensor, block: int, bits: int, clip_ratio: float) -> tuple[Tensor, Tensor]:
+    return (torch.empty_like(x, dtype=torch.int8),
+            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("conqur::hadamard_quantize_per_token_centered", mutates_args=())
+def hadamard_quantize_per_token_centered(x: Tensor, block: int, bits: int, clip_ratio: float) -> tuple[Tensor, Tensor]:
+    """Centered asymmetric int8 codes ``[M, K]`` and float32 scales ``[M, 1]`` of the rotated 2-D ``x``."""
+    y = fast_hadamard_transform(x.to(torch.float32), block or None)
+    return reference_fn(reference.quantize_per_token_centered)(y, bits, clip_ratio)
+
+
+@hadamard_quantize_per_token_centered.register_fake
 def _(x: Tensor, block: int, bits: int, clip_ratio: float) -> tuple[Tensor, Tensor]:
     return (torch.empty_like(x, dtype=torch.int8),
             torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
@@ -85,6 +101,29 @@ def _hadamard_quantize_cuda(x: Tensor, block: int, bits: int, clip_ratio: float)
     return reference_fn(hadamard_quantize_per_token)(x, block, bits, clip_ratio)
 
 
+def _centered_ok(x: Tensor, bits: int) -> bool:
+    return _triton_ok(x) and x.dim() == 2 and 2 <= bits <= reference.MAX_CENTERED_BITS
+
+
+def _quantize_centered_cuda(
+    x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None = None, row_max: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    from conqur_vllm.kernels import triton_quant
+
+    if (_centered_ok(x, bits) and (row_min is None) == (row_max is None)
+            and triton_quant.row_plan(x.shape[1], None, False)):
+        return triton_quant.quantize_per_token_centered(x, bits, clip_ratio, row_min, row_max)
+    return reference_fn(reference.quantize_per_token_centered)(x, bits, clip_ratio, row_min, row_max)
+
+
+def _hadamard_quantize_centered_cuda(x: Tensor, block: int, bits: int, clip_ratio: float) -> tuple[Tensor, Tensor]:
+    from conqur_vllm.kernels import triton_quant
+
+    if _centered_ok(x, bits) and triton_quant.supports(x.shape[1], block or None):
+        return triton_quant.hadamard_quantize_centered(x, block or None, bits, clip_ratio)
+    return reference_fn(hadamard_quantize_per_token_centered)(x, block, bits, clip_ratio)
+
+
 def _hadamard_cuda(x: Tensor, block: int) -> Tensor:
     from conqur_vllm.kernels import triton_quant
 
@@ -122,6 +161,8 @@ def _int4_scaled_mm_cuda(a_q: Tensor, a_scale: Tensor, b_packed: Tensor, b_scale
 CUDA_KERNELS: dict[str, Callable] = {
     "conqur::quantize_per_token": _quantize_cuda,
     "conqur::hadamard_quantize_per_token": _hadamard_quantize_cuda,
+    "conqur::quantize_per_token_centered": _quantize_centered_cuda,
+    "conqur::hadamard_quantize_per_token_centered": _hadamard_quantize_centered_cuda,
     "conqur::hadamard_transform": _hadamard_cuda,
     "conqur::int_scaled_mm": _int_scaled_mm_cuda,
     "conqur::int4_scaled_mm": _int4_scaled_mm_cuda,

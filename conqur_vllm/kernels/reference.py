@@ -10,6 +10,10 @@
   (2^b - 1)``, ``zero = round(-clip * min / scale)``), with codes and zero point shifted by ``-2^(b-1)`` so they
   fit the signed GEMMs: ``x ~ scale * (q - zero)``, ``q`` int8 in ``[-2^(b-1), 2^(b-1) - 1]``, ``zero`` float32
   ``[M, 1]``. ``row_min`` / ``row_max`` override the row extremes (tensor-parallel shards).
+- ``conqur::quantize_per_token_centered(x, bits, clip_ratio, row_min=None, row_max=None) -> (c, scale)``: the
+  same asymmetric rule with each code minus its row's zero point, ``c = q - zero``, so ``x ~ scale * c`` and the
+  symmetric GEMM epilogue applies as it is (no zero-point term). ``c`` spans ``[-(2^b - 1), 2^b - 1]``, which
+  fits int8 for ``bits <= 7``: the form the int8 GEMMs (H100 INT8 MMA, oneDNN s8) read for INT4 activations.
 - ``conqur::int_scaled_mm(a_q, a_scale, b_q, b_scale, bias, out_dtype)``: ``a_q [M, K]`` int8 codes times
   ``b_q [N, K]`` int8 codes with exact integer accumulation per group of ``K / G`` columns (``b_scale`` is
   ``[N, G]``), then the float epilogue ``out = a_scale * sum_g b_scale[:, g] * acc_g + bias``.
@@ -60,23 +64,38 @@ def _(x: Tensor, bits: int, clip_ratio: float, absmax: Tensor | None = None) -> 
     )
 
 
+def _asym_grid(
+    x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None, row_max: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """float32 ``x``, scales, unsigned zero points ``[M, 1]`` and the top code ``2^b - 1`` of the asymmetric rule."""
+    top = 2 * (_check_bits(bits) + 1) - 1
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"asymmetric per-token quantization expects a 2-D floating tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    xf = x.to(torch.float32)
+    lo = (xf.amin(dim=-1, keepdim=True) if row_min is None else row_min.to(torch.float32)).clamp(max=0)
+    hi = (xf.amax(dim=-1, keepdim=True) if row_max is None else row_max.to(torch.float32)).clamp(min=0)
+    scale = clip_ratio * (hi - lo) / torch.full((1, 1), top, dtype=torch.float32, device=x.device)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-clip_ratio * lo / scale).clamp_(0, top)
+    return xf, scale, zero, top
+
+
+def _quantize_asym(
+    x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None, row_max: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    xf, scale, zero, top = _asym_grid(x, bits, clip_ratio, row_min, row_max)
+    half = (top + 1) // 2
+    q = (torch.round(xf / scale) + zero).clamp_(0, top) - half
+    return q.to(torch.int8), scale, zero - half
+
+
 @torch.library.custom_op("conqur::quantize_per_token_asym", mutates_args=())
 def quantize_per_token_asym(
     x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None = None, row_max: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Signed int8 codes ``[M, K]``, float32 scales and zero points ``[M, 1]`` of a 2-D floating-point ``x``."""
-    half = _check_bits(bits) + 1
-    levels = torch.full((1, 1), 2 * half - 1, dtype=torch.float32, device=x.device)
-    if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"quantize_per_token_asym expects a 2-D floating tensor, got {x.dtype} {tuple(x.shape)}")
-    xf = x.to(torch.float32)
-    lo = (xf.amin(dim=-1, keepdim=True) if row_min is None else row_min.to(torch.float32)).clamp(max=0)
-    hi = (xf.amax(dim=-1, keepdim=True) if row_max is None else row_max.to(torch.float32)).clamp(min=0)
-    scale = clip_ratio * (hi - lo) / levels
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-clip_ratio * lo / scale).clamp_(0, 2 * half - 1)
-    q = (torch.round(xf / scale) + zero).clamp_(0, 2 * half - 1) - half
-    return q.to(torch.int8), scale, zero - half
+    return _quantize_asym(x, bits, clip_ratio, row_min, row_max)
 
 
 @quantize_per_token_asym.register_fake
@@ -84,6 +103,30 @@ def _(x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None = None,
       row_max: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     rows = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
     return torch.empty_like(x, dtype=torch.int8), rows, torch.empty_like(rows)
+
+
+MAX_CENTERED_BITS = 7
+"""Widest activation codes whose centered form ``q - zero`` (up to ``2^b - 1`` in magnitude) fits int8."""
+
+
+@torch.library.custom_op("conqur::quantize_per_token_centered", mutates_args=())
+def quantize_per_token_centered(
+    x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None = None, row_max: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """int8 codes ``q - zero`` ``[M, K]`` and float32 scales ``[M, 1]`` of ``quantize_per_token_asym``."""
+    if bits > MAX_CENTERED_BITS:
+        raise ValueError(f"centered asymmetric codes of {bits} bits do not fit int8; use quantize_per_token_asym "
+                         f"for more than {MAX_CENTERED_BITS} bits")
+    xf, scale, zero, top = _asym_grid(x, bits, clip_ratio, row_min, row_max)
+    # clamp(round(x / s) + zero, 0, top) - zero, with the zero point moved into the (integer) bounds
+    return xf.div(scale).round_().clamp_(-zero, top - zero).to(torch.int8), scale
+
+
+@quantize_per_token_centered.register_fake
+def _(x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None = None,
+      row_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return (torch.empty_like(x, dtype=torch.int8),
+            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
 
 
 def _chunk_size(k: int) -> int:

@@ -1,4 +1,4 @@
-"""Fused online Hadamard rotation + per-token symmetric quantization in one Triton pass.
+"""Fused online Hadamard rotation + per-token quantization (symmetric or centered asymmetric) in one Triton pass.
 
 One program handles one row (token) of ``n`` values, held in registers as a ``[G, m, p]`` tile: ``G`` diagonal
 blocks (1 for the full transform), each ``H_m ⊗ H_p`` with ``p`` a power of two and ``m`` the dense factor
@@ -14,6 +14,10 @@ from :func:`conqur_vllm.hadamard.hadamard_factors` (1, 12, 20, 28, ...). Padded 
   ``q = clamp(round_half_even(y / scale), -qmax-1, qmax)`` with correctly rounded divisions (on GPUs: one
   reciprocal per row and two FMA residual corrections per value, checked bit-exact there): the rule of
   ``conqur::quantize_per_token`` applied to the float32 rotated row.
+- asymmetric instead: the row minimum and maximum (widened to include 0), ``scale = clip * (max - min) /
+  (2^b - 1)``, ``zero = round(-clip * min / scale)`` and the centered codes ``clamp(round(y / scale) + zero, 0,
+  2^b - 1) - zero``: the rule of ``conqur::quantize_per_token_centered``, read by the same GEMM as symmetric
+  codes (``y ~ scale * code``).
 
 Outputs: int8 codes ``[M, n]`` (one code per byte, not packed: the GEMM reads int8 activations) and float32
 scales ``[M, 1]``. The same kernel without rotation is a plain per-token quantizer, and without quantization a
@@ -32,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from conqur_vllm.hadamard import hadamard_factors, hadamard_matrix
+from conqur_vllm.kernels.reference import MAX_CENTERED_BITS
 
 MAX_DENSE = 64
 """Largest dense Hadamard factor m applied in-kernel."""
@@ -111,6 +116,29 @@ def _max_combine(a, b):
 
 
 @triton.jit
+def _min_combine(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _row_reduce(v, combine: tl.constexpr):
+    return tl.reduce(tl.reduce(tl.reduce(v, 2, combine), 1, combine), 0, combine)
+
+
+@triton.jit
+def _divide(y, scale, FMA_DIVIDE: tl.constexpr):
+    """``y / scale`` correctly rounded (on GPUs: one reciprocal per row and two FMA residual corrections)."""
+    if FMA_DIVIDE:
+        r = tl.div_rn(1.0, scale)
+        v = y * r
+        v = tl.fma(tl.fma(-v, scale, y), r, v)
+        v = tl.fma(tl.fma(-v, scale, y), r, v)
+    else:
+        v = tl.div_rn(y, scale)
+    return v
+
+
+@triton.jit
 def _round_half_even(v):
     r = tl.floor(v)
     d = v - r
@@ -128,13 +156,16 @@ def _butterflies(y, G: tl.constexpr, MP: tl.constexpr, P: tl.constexpr, LOG2_P: 
 
 @triton.jit
 def _hadamard_quant_kernel(
-    x_ptr, q_ptr, scale_ptr, y_ptr, absmax_ptr, ht_ptr,
+    x_ptr, q_ptr, scale_ptr, y_ptr, absmax_ptr, lo_ptr, ht_ptr,
     stride_xm, stride_qm, stride_ym,
     n_groups, m_size, p_size, inv_sqrt, clip_ratio, qmax,
     G: tl.constexpr, MP: tl.constexpr, P: tl.constexpr, LOG2_P: tl.constexpr,
     ROTATE: tl.constexpr, DENSE: tl.constexpr, QUANTIZE: tl.constexpr, HAS_ABSMAX: tl.constexpr,
-    PRECISION: tl.constexpr, FMA_DIVIDE: tl.constexpr,
+    ASYM: tl.constexpr, PRECISION: tl.constexpr, FMA_DIVIDE: tl.constexpr,
 ):
+    """One row. ``qmax``: the largest symmetric code, or the asymmetric grid's step count ``2^b - 1``; with
+    ``HAS_ABSMAX`` the row's absmax (symmetric) or maximum (asymmetric, with its minimum at ``lo_ptr``) is read
+    instead of reduced (tensor-parallel shards of a row)."""
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G)[:, None, None]
     a = tl.arange(0, MP)[None, :, None]
@@ -152,22 +183,30 @@ def _hadamard_quant_kernel(
             else:
                 y = tl.dot(tl.broadcast_to(ht[None, :, :], (G, MP, MP)), y, input_precision=PRECISION)
         y = y * inv_sqrt
-    if QUANTIZE:
+    if QUANTIZE and ASYM:  # padded positions hold 0, which the widened range contains anyway
+        if HAS_ABSMAX:
+            lo = tl.load(lo_ptr + row)
+            hi = tl.load(absmax_ptr + row)
+        else:
+            lo = _row_reduce(y, _min_combine)
+            hi = _row_reduce(y, _max_combine)
+        lo = tl.minimum(lo, 0.0)
+        hi = tl.maximum(hi, 0.0)
+        scale = tl.div_rn((hi - lo) * clip_ratio, qmax)
+        scale = tl.where(scale > 0.0, scale, 1.0)
+        zero = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(lo * -clip_ratio, scale)), 0.0), qmax)
+        v = _round_half_even(_divide(y, scale, FMA_DIVIDE)) + zero
+        v = tl.minimum(tl.maximum(v, 0.0), qmax) - zero
+        tl.store(q_ptr + row * stride_qm + offs, v.to(tl.int8), mask=mask)
+        tl.store(scale_ptr + row, scale)
+    elif QUANTIZE:
         if HAS_ABSMAX:
             amax = tl.load(absmax_ptr + row)
         else:
-            amax = tl.reduce(tl.abs(y), 2, _max_combine)
-            amax = tl.reduce(tl.reduce(amax, 1, _max_combine), 0, _max_combine)
+            amax = _row_reduce(tl.abs(y), _max_combine)
         scale = tl.div_rn(amax * clip_ratio, qmax)
         scale = tl.where(scale > 0.0, scale, 1.0)
-        if FMA_DIVIDE:  # y / scale correctly rounded: reciprocal once per row, two FMA residual corrections
-            r = tl.div_rn(1.0, scale)
-            v = y * r
-            v = tl.fma(tl.fma(-v, scale, y), r, v)
-            v = tl.fma(tl.fma(-v, scale, y), r, v)
-        else:
-            v = tl.div_rn(y, scale)
-        v = tl.minimum(tl.maximum(v, -qmax - 1.0), qmax)
+        v = tl.minimum(tl.maximum(_divide(y, scale, FMA_DIVIDE), -qmax - 1.0), qmax)
         tl.store(q_ptr + row * stride_qm + offs, _round_half_even(v).to(tl.int8), mask=mask)
         tl.store(scale_ptr + row, scale)
     else:
@@ -182,8 +221,9 @@ def interpreted(kernel: object) -> bool:
 def _launch(
     x: Tensor, plan: RowPlan, *, bits: int = 4, clip_ratio: float = 1.0, absmax: Tensor | None = None,
     quantize: bool = True, out: tuple[Tensor, Tensor] | None = None, precision: str | None = None,
-    num_warps: int | None = None,
+    num_warps: int | None = None, asymmetric: bool = False, row_min: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | Tensor:
+    """``absmax`` overrides the row absmax (symmetric) or, with ``row_min``, the row maximum (asymmetric)."""
     precision = precision or DENSE_PRECISION
     if precision not in PRECISIONS:
         raise ValueError(f"dense Hadamard precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -201,18 +241,19 @@ def _launch(
                              "contiguous float32 scales")
         y = q
         amax = absmax.reshape(rows).to(torch.float32).contiguous() if absmax is not None else scale
+        lo = row_min.reshape(rows).to(torch.float32).contiguous() if row_min is not None else scale
     else:
         y = torch.empty_like(x)
-        q, scale, amax = y, y, y
+        q, scale, amax, lo = y, y, y, y
     if rows:
         _hadamard_quant_kernel[(rows,)](
-            x, q, scale, y, amax, ht,
+            x, q, scale, y, amax, lo, ht,
             x.stride(0), q.stride(0), y.stride(0),
             plan.groups, plan.m, plan.p, 1.0 / math.sqrt(plan.m * plan.p), float(clip_ratio),
-            float((1 << (bits - 1)) - 1),
+            float((1 << bits) - 1 if asymmetric else (1 << (bits - 1)) - 1),
             G=plan.g_pad, MP=plan.m_pad, P=plan.p_pad, LOG2_P=plan.log2_p,
             ROTATE=plan.rotate, DENSE=dense, QUANTIZE=quantize, HAS_ABSMAX=absmax is not None,
-            PRECISION=precision, FMA_DIVIDE=not interpreted(_hadamard_quant_kernel), num_warps=num_warps or _num_warps(plan.tile),
+            ASYM=asymmetric, PRECISION=precision, FMA_DIVIDE=not interpreted(_hadamard_quant_kernel), num_warps=num_warps or _num_warps(plan.tile),
         )
     return (q, scale) if quantize else y
 
@@ -262,3 +303,32 @@ def hadamard_transform(x: Tensor, block: int | None = None, precision: str | Non
     n = x.shape[-1]
     rows = _rows(x.reshape(-1, n))
     return _launch(rows, _plan_or_raise(n, block, True), quantize=False, precision=precision).reshape(x.shape)
+
+
+def _centered_bits(bits: int) -> int:
+    if not 2 <= bits <= MAX_CENTERED_BITS:
+        raise ValueError(f"centered asymmetric codes need 2..{MAX_CENTERED_BITS} bits to fit int8, got {bits}")
+    return bits
+
+
+def hadamard_quantize_centered(
+    x: Tensor, block: int | None = None, bits: int = 4, clip_ratio: float = 1.0,
+    out: tuple[Tensor, Tensor] | None = None, precision: str | None = None, num_warps: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Centered asymmetric int8 codes ``[M, K]`` and float32 scales ``[M, 1]`` of the rotated rows
+    (``conqur::quantize_per_token_centered`` of ``fast_hadamard_transform(x.float(), block)``)."""
+    x = _rows(x)
+    return _launch(x, _plan_or_raise(x.shape[1], block, True), bits=_centered_bits(bits), clip_ratio=clip_ratio,
+                   out=out, precision=precision, num_warps=num_warps, asymmetric=True)
+
+
+def quantize_per_token_centered(
+    x: Tensor, bits: int = 4, clip_ratio: float = 1.0, row_min: Tensor | None = None,
+    row_max: Tensor | None = None, out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``conqur::quantize_per_token_centered`` (``row_min`` and ``row_max`` [M, 1] override the row extremes)."""
+    if (row_min is None) != (row_max is None):
+        raise ValueError("pass both row_min and row_max, or neither")
+    x = _rows(x)
+    return _launch(x, _plan_or_raise(x.shape[1], None, False), bits=_centered_bits(bits), clip_ratio=clip_ratio,
+                   absmax=row_max, row_min=row_min, out=out, asymmetric=True)

@@ -13,11 +13,14 @@ prefill, the reference GEMM for fewer than 16 tokens).
 
 Forward: [R4 Hadamard on down_proj's input] -> [minus the input shift mu, where ``activations.shifted_inputs``
 names the linear's group; ``W mu`` (from the dequantized weights, float32) joins the bias] -> per-token quantization
-(``conqur::quantize_per_token``, or ``conqur::quantize_per_token_asym`` for ``activations.symmetric: false``; for a
-row-parallel shard the row extremes are all-reduced over the tensor-parallel ranks first, so every rank uses the
-single-device scale) -> integer GEMM with int32 accumulation and the scale epilogue (+ bias) -> [asymmetric:
-minus ``scale * zero`` times the row sums of the dequantized weights, ``weight_sum``, in float32] -> output in the
-input dtype.
+(``conqur::quantize_per_token``; for ``activations.symmetric: false`` ``conqur::quantize_per_token_centered``,
+whose codes ``q - zero`` already carry the zero point, so the same GEMM serves both; for a row-parallel shard the
+row extremes are all-reduced over the tensor-parallel ranks first, so every rank uses the single-device scale)
+-> integer GEMM with int32 accumulation and the scale epilogue (+ bias) -> output in the input dtype. On CUDA
+R4 and the quantizer are one Triton kernel (``conqur::hadamard_quantize_per_token[_centered]``) where the row is
+not split across ranks and not shifted. Asymmetric 8-bit activations, whose centered codes do not fit int8, use
+``conqur::quantize_per_token_asym`` and subtract ``scale * zero`` times the row sums of the dequantized weights
+(``weight_sum``) from the float32 GEMM output instead.
 With ``activations.num_bits == 16`` (weight-only checkpoints) the weights are dequantized once at load and
 served by ``F.linear`` (no memory saving; logged).
 """
@@ -42,6 +45,7 @@ from vllm.model_executor.parameter import (
 from conqur_vllm.config import CheckpointConfigError
 from conqur_vllm.formats import unpack_int32
 from conqur_vllm.kernels import Backend, backend_from_env, make_int_gemm, transforms  # noqa: F401
+from conqur_vllm.kernels.reference import MAX_CENTERED_BITS
 from conqur_vllm.vllm_plugin._compat import register_weight_loader_v2
 from conqur_vllm.vllm_plugin.tp import row_absmax, row_range
 
@@ -80,6 +84,8 @@ class ConqurLinearMethod(LinearMethodBase):
         self.act_bits = ckpt.activations.num_bits
         self.clip_ratio = ckpt.activations.clip_ratio
         self.act_symmetric = ckpt.activations.symmetric
+        # asymmetric codes too wide to center in int8: the zero point becomes a rank-1 term after the GEMM
+        self.zero_point_term = not self.act_symmetric and self.act_bits > MAX_CENTERED_BITS
         r4 = ckpt.transform("down_proj_input")
         self.r4 = r4 if r4 is not None and prefix.rsplit(".", 1)[-1] == R4_LAYER else None
         self.shifted = ckpt.has_input_shift(prefix)
@@ -167,13 +173,13 @@ class ConqurLinearMethod(LinearMethodBase):
             layer.weight = nn.Parameter(_dequantize(codes, scale).to(layer.params_dtype), requires_grad=False)
             logger.info_once("conqur: activations.num_bits=16, weights dequantized to %s at load", layer.params_dtype)
             return
-        w_deq = _dequantize(codes, scale) if self.shifted or not self.act_symmetric else None
+        w_deq = _dequantize(codes, scale) if self.shifted or self.zero_point_term else None
         if self.shifted:  # W mu: this rank's part of the bias that puts the shift back (summed by the all-reduce)
             shift = layer.input_shift.data.to(layer.params_dtype)  # the bias uses the shift as subtracted
             layer.input_shift = nn.Parameter(shift, requires_grad=False)
             layer.shift_bias = nn.Parameter(w_deq @ shift.to(torch.float32), requires_grad=False)
         out_dtype = layer.params_dtype
-        if not self.act_symmetric:  # x = scale (q - zero): W x = scale (W q) - scale zero sum_k W[:, k]
+        if self.zero_point_term:  # x = scale (q - zero): W x = scale (W q) - scale zero sum_k W[:, k]
             layer.weight_sum = nn.Parameter(w_deq.sum(1, dtype=torch.float64).to(torch.float32), requires_grad=False)
             out_dtype = torch.float32  # the correction is applied before rounding to the model dtype
         del w_deq
@@ -187,10 +193,11 @@ class ConqurLinearMethod(LinearMethodBase):
 
     # --- forward -------------------------------------------------------------------------------------------
     def fuse_r4_quant(self, layer: nn.Module, x: Tensor) -> bool:
-        """R4, absmax and quantization in one pass (``conqur::hadamard_quantize_per_token``): on CUDA, where it
-        is one Triton kernel, unless the row is split across ranks (its maximum then needs an all-reduce), a
-        shift comes between the transform and the quantizer, or the codes are asymmetric (the kernel is not)."""
-        return (x.is_cuda and self.act_bits < 16 and self.act_symmetric and not layer.conqur_sharded_input
+        """R4, the row range and quantization in one pass (``conqur::hadamard_quantize_per_token[_centered]``):
+        on CUDA, where it is one Triton kernel, unless the row is split across ranks (its range then needs an
+        all-reduce), a shift comes between the transform and the quantizer, or asymmetric codes need the
+        zero-point term."""
+        return (x.is_cuda and self.act_bits < 16 and not self.zero_point_term and not layer.conqur_sharded_input
                 and not self.shifted)
 
     def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -198,7 +205,9 @@ class ConqurLinearMethod(LinearMethodBase):
         x2 = x.reshape(-1, shape[-1])
         block = None if self.r4 is None else (0 if self.r4.block_size == self.r4.size else self.r4.block_size)
         if block is not None and self.fuse_r4_quant(layer, x2):
-            a_q, a_scale = torch.ops.conqur.hadamard_quantize_per_token(x2, block, self.act_bits, self.clip_ratio)
+            fused = (torch.ops.conqur.hadamard_quantize_per_token if self.act_symmetric
+                     else torch.ops.conqur.hadamard_quantize_per_token_centered)
+            a_q, a_scale = fused(x2, block, self.act_bits, self.clip_ratio)
             out = getattr(layer, GEMM_ATTR)(a_q, a_scale, bias)
         else:
             if block is not None:
@@ -213,13 +222,17 @@ class ConqurLinearMethod(LinearMethodBase):
         return out.to(x.dtype).view(*shape[:-1], out.shape[-1])
 
     def _quantized_matmul(self, layer: nn.Module, x2: Tensor, bias: Tensor | None) -> Tensor:
-        """Per-token quantization of ``x2`` and the integer GEMM (with the zero-point correction if asymmetric)."""
+        """Per-token quantization of ``x2`` and the integer GEMM (with the zero-point term for 8-bit asymmetric)."""
         gemm = getattr(layer, GEMM_ATTR)
         if self.act_symmetric:
             absmax = row_absmax(x2, layer.conqur_sharded_input)
             a_q, a_scale = torch.ops.conqur.quantize_per_token(x2, self.act_bits, self.clip_ratio, absmax)
             return gemm(a_q, a_scale, bias)
         row_min, row_max = row_range(x2, layer.conqur_sharded_input)
+        if not self.zero_point_term:
+            a_q, a_scale = torch.ops.conqur.quantize_per_token_centered(x2, self.act_bits, self.clip_ratio,
+                                                                       row_min, row_max)
+            return gemm(a_q, a_scale, bias)
         a_q, a_scale, a_zero = torch.ops.conqur.quantize_per_token_asym(x2, self.act_bits, self.clip_ratio,
                                                                         row_min, row_max)
         out = gemm(a_q, a_scale, None if bias is None else bias.to(torch.float32))

@@ -109,7 +109,7 @@ class ConqurConfig(QuantizationConfig):
         if bits >= 16:
             return None
         name = vocab.head_module if is_head else vocab.embed_module
-        return ConqurVocabMethod(bits, vocab.group_for(bits), name)
+        return ConqurVocabMethod(bits, vocab.group_for(bits), name, head=is_head)
 
     @property
     def kv_cache_scheme(self) -> dict[str, Any] | None:

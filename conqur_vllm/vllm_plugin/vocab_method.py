@@ -2,10 +2,11 @@
 
 Layout as for linears (symmetric ``pack-quantized``): ``weight_packed`` int32 ``[vocab, dim*bits/32]``,
 ``weight_scale`` float32 ``[vocab, groups]``, ``weight_shape`` int64 ``[2]``; rows shard over tensor-parallel
-ranks through vLLM's own ``VocabParallelEmbedding.weight_loader``. Resident: the packed codes (INT4: 0.5 byte
-per weight) or int8 codes (INT8: 1 byte) plus scales. ``embedding`` dequantizes only the looked-up rows;
-``apply`` (the LM head's logits) dequantizes ``CHUNK_ROWS`` vocabulary rows at a time, so no full-precision
-copy of the matrix ever exists. Activations are not quantized here: this is the function of the reference
+ranks through vLLM's own ``VocabParallelEmbedding.weight_loader``. Resident: the embedding's packed codes (INT4:
+0.5 byte per weight) or int8 codes (INT8, and the INT4 LM head, unpacked once at load: its every row is read at
+every decode step, where unpacking nibbles cost about a tenth of a CPU decode step) plus scales. ``embedding``
+dequantizes only the looked-up rows; ``apply`` (the LM head's logits) dequantizes ``CHUNK_ROWS`` vocabulary rows
+at a time, so no full-precision copy of the matrix ever exists. Activations are not quantized here: this is the function of the reference
 forward, whose embedding and head weights are the dequantized codes.
 """
 
@@ -28,12 +29,13 @@ CHUNK_ROWS = 8192
 
 class ConqurVocabMethod(QuantizeMethodBase):
     """Quantized ``VocabParallelEmbedding`` / ``ParallelLMHead`` weights of ``bits`` with groups of ``group_size``
-    columns (None = one scale per row)."""
+    columns (None = one scale per row); ``head``: the LM head, whose codes are held as int8."""
 
-    def __init__(self, bits: int, group_size: int | None, name: str) -> None:
+    def __init__(self, bits: int, group_size: int | None, name: str, head: bool = False) -> None:
         self.bits = bits
         self.group_size = group_size
         self.name = name
+        self.codes_int8 = bits == 8 or head
         self.spec = QuantSpec(bits=bits, symmetric=True, group_size=group_size)
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
@@ -60,13 +62,13 @@ class ConqurVocabMethod(QuantizeMethodBase):
         layer.params_dtype = params_dtype
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if self.bits == 8:  # int8 codes are as small as packed ones and need no unpacking
-            codes = unpack_int32(layer.weight_packed.data, 8, layer.conqur_dim, packed_dim=1, signed=True)
+        if self.codes_int8:  # 8-bit codes are as small as packed ones; the head's INT4 ones are read every step
+            codes = unpack_int32(layer.weight_packed.data, self.bits, layer.conqur_dim, packed_dim=1, signed=True)
             layer.weight_packed = nn.Parameter(codes, requires_grad=False)
         del layer.weight_shape
 
     def _rows(self, layer: nn.Module, codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-        if self.bits != 8:
+        if not self.codes_int8:
             codes = unpack_int32(codes, self.bits, layer.conqur_dim, packed_dim=1, signed=True)
         return dequantize(QuantizedTensor(codes, scale, None, self.spec), dtype)
 
