@@ -94,16 +94,17 @@ def test_quantize_per_token_asym_uses_given_row_range() -> None:
     assert torch.equal(zero, torch.round(-lo / scale) - 8) and int(q.min()) > -8 and int(q.max()) < 7
 
 
-@pytest.mark.parametrize("bits", [4, 7])
-def test_centered_codes_carry_the_zero_point(bits: int) -> None:
+@pytest.mark.parametrize(("bits", "dtype"), [(4, torch.float32), (7, torch.float32), (4, torch.bfloat16),
+                                             (4, torch.float16), (4, torch.float64)])
+def test_centered_codes_carry_the_zero_point(bits: int, dtype: torch.dtype) -> None:
     """c = q - zero fits int8, x ~ scale c, and the plain GEMM on c equals the GEMM plus the zero-point term."""
     g = torch.Generator().manual_seed(10 + bits)
-    x = torch.randn(21, 128, generator=g) * 2 + torch.randn(21, 1, generator=g) * 3 + 1.0
+    x = (torch.randn(21, 128, generator=g) * 2 + torch.randn(21, 1, generator=g) * 3 + 1.0).to(dtype)
     c, scale = torch.ops.conqur.quantize_per_token_centered(x, bits, 0.9)
     q, scale_asym, zero = torch.ops.conqur.quantize_per_token_asym(x, bits, 0.9)
     assert c.dtype == torch.int8 and torch.equal(scale, scale_asym) and torch.equal(c.float(), q.float() - zero)
     assert int(c.abs().max()) > (1 << (bits - 1))  # wider than the signed 4-bit range: needs the int8 GEMM
-    assert torch.equal(scale * c.float(), fake_quantize(x, activation_spec(bits, 0.9, symmetric=False)))
+    assert torch.equal(scale * c.float(), fake_quantize(x.float(), activation_spec(bits, 0.9, symmetric=False)))
     w = torch.randint(-8, 8, (48, 128), dtype=torch.int8, generator=g)
     w_scale = torch.rand(48, 1, generator=g) + 0.1
     w_sum = (w.float() * w_scale).sum(1)

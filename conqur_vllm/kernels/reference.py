@@ -33,6 +33,12 @@ _FP32_EXACT = 1 << 24
 """Integers of magnitude below 2^24 are exact in float32, so are all partial sums that stay below it."""
 
 
+def _float32_operand(x: Tensor) -> Tensor:
+    """``x`` as read in float32 arithmetic: 16-bit floats stay as they are (their row extremes are exact, and
+    dividing by a float32 scale promotes to float32), saving a float32 copy of every activation."""
+    return x if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.to(torch.float32)
+
+
 def _check_bits(bits: int) -> int:
     if not 2 <= bits <= 8:
         raise ValueError(f"activation bits must be in 2..8 for integer quantization, got {bits}")
@@ -47,8 +53,8 @@ def quantize_per_token(
     qmax = _check_bits(bits)
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"quantize_per_token expects a 2-D floating tensor, got {x.dtype} {tuple(x.shape)}")
-    xf = x.to(torch.float32)
-    amax = xf.abs().amax(dim=-1, keepdim=True) if absmax is None else absmax.to(torch.float32)
+    xf = _float32_operand(x)
+    amax = (xf.abs().amax(dim=-1, keepdim=True) if absmax is None else absmax).to(torch.float32)
     # a tensor divisor: CUDA turns division by a Python scalar into a multiplication by its reciprocal
     scale = clip_ratio * amax / torch.full_like(amax, qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -67,14 +73,15 @@ def _(x: Tensor, bits: int, clip_ratio: float, absmax: Tensor | None = None) -> 
 def _asym_grid(
     x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None, row_max: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """float32 ``x``, scales, unsigned zero points ``[M, 1]`` and the top code ``2^b - 1`` of the asymmetric rule."""
+    """``x`` as a float32 operand, scales, unsigned zero points ``[M, 1]`` and the top code ``2^b - 1`` of the
+    asymmetric rule."""
     top = 2 * (_check_bits(bits) + 1) - 1
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"asymmetric per-token quantization expects a 2-D floating tensor, got {x.dtype} "
                          f"{tuple(x.shape)}")
-    xf = x.to(torch.float32)
-    lo = (xf.amin(dim=-1, keepdim=True) if row_min is None else row_min.to(torch.float32)).clamp(max=0)
-    hi = (xf.amax(dim=-1, keepdim=True) if row_max is None else row_max.to(torch.float32)).clamp(min=0)
+    xf = _float32_operand(x)
+    lo = (xf.amin(dim=-1, keepdim=True) if row_min is None else row_min).to(torch.float32).clamp(max=0)
+    hi = (xf.amax(dim=-1, keepdim=True) if row_max is None else row_max).to(torch.float32).clamp(min=0)
     scale = clip_ratio * (hi - lo) / torch.full((1, 1), top, dtype=torch.float32, device=x.device)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-clip_ratio * lo / scale).clamp_(0, top)
