@@ -517,45 +517,53 @@ def test_get_quant_method_dispatch() -> None:
     embed = vocab.get_quant_method(_bare(VocabParallelEmbedding), "")  # vLLM's Llama builds it without a prefix
     assert isinstance(head, ConqurVocabMethod) and (head.bits, head.group_size) == (8, None)
     assert isinstance(embed, ConqurVocabMethod) and (embed.bits, embed.group_size) == (4, 32)
-    assert not embed.codes_int8
+    assert not embed.head and head.head
     head_only = _plugin_config(vocab={"embed_bits": 16, "head_bits": 4})
     assert head_only.get_quant_method(_bare(VocabParallelEmbedding), "") is None
     head4 = head_only.get_quant_method(_bare(ParallelLMHead), "lm_head")
-    assert head4.bits == 4 and head4.codes_int8
+    assert head4.bits == 4 and head4.head
     partial = _plugin_config(ignore=["q_proj"])
     partial.packed_modules_mapping = cfg.packed_modules_mapping
     with pytest.raises(CheckpointConfigError, match="covers only some of"):
         partial.get_quant_method(_bare(QKVParallelLinear), "model.layers.0.self_attn.qkv_proj")
 
 
-@pytest.mark.parametrize(("bits", "group_size", "head"), [(4, 32, False), (4, 32, True), (8, None, False)])
-def test_vocab_method_matches_float64(bits: int, group_size: int | None, head: bool, monkeypatch) -> None:
-    """Looked-up rows and chunked LM-head logits equal the float64 product with the dequantized codes."""
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (8, None)])
+def test_vocab_method_matches_float64(bits: int, group_size: int | None) -> None:
+    """Looked-up rows equal the reference's weights, LM-head logits the float64 product with the dequantized
+    codes; the embedding keeps only codes resident, the head its dequantized weights."""
     from conqur_vllm.vllm_plugin import vocab_method
 
-    monkeypatch.setattr(vocab_method, "CHUNK_ROWS", 48)  # several chunks, the last one partial
     vocab, dim = 200, 64
     g = torch.Generator().manual_seed(7)
     w = torch.randn(vocab, dim, generator=g)
     qt = quantize_weight_rtn(w, QuantSpec(bits, group_size=group_size), clip_search=True)
     tensors = quantized_linear_tensors("emb", qt)
-    method = vocab_method.ConqurVocabMethod(bits, group_size, "emb", head=head)
-    layer = nn.Module()
-    method.create_weights(layer, dim, [vocab], dim, vocab, torch.float32,
-                          weight_loader=lambda param, loaded: param.data.copy_(loaded))
-    for name in ("weight_packed", "weight_scale", "weight_shape"):
-        param = getattr(layer, name)
-        param.weight_loader(param, tensors[f"emb.{name}"])
-    method.process_weights_after_loading(layer)
-    ref = _dequantized(qt)
+    layers = {}
+    for head in (False, True):
+        method = vocab_method.ConqurVocabMethod(bits, group_size, "emb", head=head)
+        layer = nn.Module()
+        method.create_weights(layer, dim, [vocab], dim, vocab, torch.float32,
+                              weight_loader=lambda param, loaded: param.data.copy_(loaded))
+        for name in ("weight_packed", "weight_scale", "weight_shape"):
+            param = getattr(layer, name)
+            param.weight_loader(param, tensors[f"emb.{name}"])
+        method.process_weights_after_loading(layer)
+        layers[head] = (method, layer)
+    (embed, embed_layer), (head, head_layer) = layers[False], layers[True]
     ids = torch.randint(0, vocab, (3, 5), generator=g)
-    assert torch.equal(method.embedding(layer, ids), dequantize(qt, torch.float32)[ids])  # the reference's weights
+    assert torch.equal(embed.embedding(embed_layer, ids), dequantize(qt, torch.float32)[ids])
     x = torch.randn(6, dim, generator=g)
     bias = torch.randn(vocab, generator=g)
-    assert rel_err(x.double() @ ref.T + bias.double(), method.apply(layer, x, bias)) < 1e-6
-    resident = layer.weight_packed.element_size() * layer.weight_packed.numel()
-    # packed INT4 (embedding) or int8 codes (8-bit, and the head's INT4 codes): never a float copy
-    assert resident == vocab * dim * (1 if head else bits / 8)
+    ref = x.double() @ _dequantized(qt).T + bias.double()
+    assert rel_err(ref, head.apply(head_layer, x, bias)) < 1e-6
+    assert rel_err(ref, x.double() @ w.double().T + bias.double()) > 1e-3  # the check can fail: not the FP weights
+    # the embedding: packed INT4 or int8 codes, never a float copy; the head: its dequantized weights only
+    codes = embed_layer.weight_packed
+    assert codes.element_size() * codes.numel() == vocab * dim * bits // 8 and not hasattr(embed_layer, "weight")
+    assert head_layer.weight.dtype == torch.float32 and not hasattr(head_layer, "weight_packed")
+    with pytest.raises(TypeError, match="LM head's method"):
+        embed.apply(embed_layer, x)
 
 
 def test_register_is_idempotent_and_declared_as_entry_point() -> None:

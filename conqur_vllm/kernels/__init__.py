@@ -1,7 +1,9 @@
 """Integer W4A4 kernels behind custom-op names (``torch.ops.conqur.*``) and the backend choice.
 
-Importing this package registers ``conqur::quantize_per_token``, ``conqur::int_scaled_mm``,
-``conqur::hadamard_transform`` and (CPU) ``conqur::onednn_int_scaled_mm``.
+Importing this package registers ``conqur::quantize_per_token`` (and its asymmetric forms
+``conqur::quantize_per_token_asym`` and ``conqur::quantize_per_token_centered``), ``conqur::int_scaled_mm``,
+``conqur::hadamard_transform``, the fused ``conqur::hadamard_quantize_per_token[_centered]``,
+``conqur::int4_scaled_mm`` and (CPU) ``conqur::onednn_int_scaled_mm``.
 
 Backends of :func:`make_int_gemm` (resident bytes per weight in brackets):
 

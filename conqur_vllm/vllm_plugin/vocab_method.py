@@ -2,12 +2,16 @@
 
 Layout as for linears (symmetric ``pack-quantized``): ``weight_packed`` int32 ``[vocab, dim*bits/32]``,
 ``weight_scale`` float32 ``[vocab, groups]``, ``weight_shape`` int64 ``[2]``; rows shard over tensor-parallel
-ranks through vLLM's own ``VocabParallelEmbedding.weight_loader``. Resident: the embedding's packed codes (INT4:
-0.5 byte per weight) or int8 codes (INT8, and the INT4 LM head, unpacked once at load: its every row is read at
-every decode step, where unpacking nibbles cost about a tenth of a CPU decode step) plus scales. ``embedding``
-dequantizes only the looked-up rows; ``apply`` (the LM head's logits) dequantizes ``CHUNK_ROWS`` vocabulary rows
-at a time, so no full-precision copy of the matrix ever exists. Activations are not quantized here: this is the function of the reference
-forward, whose embedding and head weights are the dequantized codes.
+ranks through vLLM's own ``VocabParallelEmbedding.weight_loader``.
+
+- Embedding: resident as packed codes (INT4: 0.5 byte per weight) or int8 codes (INT8) plus scales;
+  ``embedding`` dequantizes only the looked-up rows, so no full-precision copy of the matrix exists.
+- LM head: every row is read at every decode step, and dequantizing them each time cost several times the
+  GEMM itself, so the head is dequantized once at load into the model dtype (``weight``, 2 bytes per weight
+  resident in bf16; the checkpoint still stores INT4) and served by one ``F.linear``.
+
+Activations are not quantized here: this is the function of the reference forward, whose embedding and head
+weights are the dequantized codes.
 """
 
 from __future__ import annotations
@@ -24,18 +28,16 @@ from conqur_vllm.config import CheckpointConfigError
 from conqur_vllm.formats import unpack_int32
 from conqur_vllm.quant import QuantizedTensor, QuantSpec, dequantize
 
-CHUNK_ROWS = 8192
-
 
 class ConqurVocabMethod(QuantizeMethodBase):
     """Quantized ``VocabParallelEmbedding`` / ``ParallelLMHead`` weights of ``bits`` with groups of ``group_size``
-    columns (None = one scale per row); ``head``: the LM head, whose codes are held as int8."""
+    columns (None = one scale per row); ``head``: the LM head, dequantized once at load."""
 
     def __init__(self, bits: int, group_size: int | None, name: str, head: bool = False) -> None:
         self.bits = bits
         self.group_size = group_size
         self.name = name
-        self.codes_int8 = bits == 8 or head
+        self.head = head
         self.spec = QuantSpec(bits=bits, symmetric=True, group_size=group_size)
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
@@ -62,13 +64,17 @@ class ConqurVocabMethod(QuantizeMethodBase):
         layer.params_dtype = params_dtype
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if self.codes_int8:  # 8-bit codes are as small as packed ones; the head's INT4 ones are read every step
-            codes = unpack_int32(layer.weight_packed.data, self.bits, layer.conqur_dim, packed_dim=1, signed=True)
-            layer.weight_packed = nn.Parameter(codes, requires_grad=False)
         del layer.weight_shape
+        if self.head:
+            weight = self._rows(layer, layer.weight_packed.data, layer.weight_scale.data, layer.params_dtype)
+            del layer.weight_packed, layer.weight_scale
+            layer.weight = nn.Parameter(weight, requires_grad=False)
+        elif self.bits == 8:  # int8 codes are as small as packed ones and need no unpacking
+            codes = unpack_int32(layer.weight_packed.data, 8, layer.conqur_dim, packed_dim=1, signed=True)
+            layer.weight_packed = nn.Parameter(codes, requires_grad=False)
 
     def _rows(self, layer: nn.Module, codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-        if not self.codes_int8:
+        if codes.dtype == torch.int32:  # packed
             codes = unpack_int32(codes, self.bits, layer.conqur_dim, packed_dim=1, signed=True)
         return dequantize(QuantizedTensor(codes, scale, None, self.spec), dtype)
 
@@ -78,13 +84,9 @@ class ConqurVocabMethod(QuantizeMethodBase):
         return rows.view(*input_.shape, -1)
 
     def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        vocab = layer.weight_packed.shape[0]
-        out = torch.empty(*x.shape[:-1], vocab, dtype=x.dtype, device=x.device)
-        for start in range(0, vocab, CHUNK_ROWS):
-            stop = min(start + CHUNK_ROWS, vocab)
-            w = self._rows(layer, layer.weight_packed[start:stop], layer.weight_scale[start:stop], x.dtype)
-            out[..., start:stop] = F.linear(x, w, None if bias is None else bias[start:stop])
-        return out
+        if not self.head:
+            raise TypeError(f"{self.name}: logits come from the LM head's method, not the embedding's")
+        return F.linear(x, layer.weight.to(x.dtype), bias)
 
     def tie_weights(self, layer: nn.Module, embed_tokens: nn.Module) -> nn.Module:
         raise CheckpointConfigError(f"{self.name}: a quantized LM head cannot be tied to the embedding; "
