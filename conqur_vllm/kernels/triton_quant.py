@@ -121,11 +121,6 @@ def _min_combine(a, b):
 
 
 @triton.jit
-def _row_reduce(v, combine: tl.constexpr):
-    return tl.reduce(tl.reduce(tl.reduce(v, 2, combine), 1, combine), 0, combine)
-
-
-@triton.jit
 def _divide(y, scale, FMA_DIVIDE: tl.constexpr):
     """``y / scale`` correctly rounded (on GPUs: one reciprocal per row and two FMA residual corrections)."""
     if FMA_DIVIDE:
@@ -188,8 +183,8 @@ def _hadamard_quant_kernel(
             lo = tl.load(lo_ptr + row)
             hi = tl.load(absmax_ptr + row)
         else:
-            lo = _row_reduce(y, _min_combine)
-            hi = _row_reduce(y, _max_combine)
+            lo = tl.reduce(tl.reduce(tl.reduce(y, 2, _min_combine), 1, _min_combine), 0, _min_combine)
+            hi = tl.reduce(tl.reduce(tl.reduce(y, 2, _max_combine), 1, _max_combine), 0, _max_combine)
         lo = tl.minimum(lo, 0.0)
         hi = tl.maximum(hi, 0.0)
         scale = tl.div_rn((hi - lo) * clip_ratio, qmax)
@@ -203,7 +198,8 @@ def _hadamard_quant_kernel(
         if HAS_ABSMAX:
             amax = tl.load(absmax_ptr + row)
         else:
-            amax = _row_reduce(tl.abs(y), _max_combine)
+            amax = tl.reduce(tl.abs(y), 2, _max_combine)
+            amax = tl.reduce(tl.reduce(amax, 1, _max_combine), 0, _max_combine)
         scale = tl.div_rn(amax * clip_ratio, qmax)
         scale = tl.where(scale > 0.0, scale, 1.0)
         v = tl.minimum(tl.maximum(_divide(y, scale, FMA_DIVIDE), -qmax - 1.0), qmax)
