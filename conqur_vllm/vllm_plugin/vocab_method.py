@@ -6,9 +6,10 @@ ranks through vLLM's own ``VocabParallelEmbedding.weight_loader``.
 
 - Embedding: resident as packed codes (INT4: 0.5 byte per weight) or int8 codes (INT8) plus scales;
   ``embedding`` dequantizes only the looked-up rows, so no full-precision copy of the matrix exists.
-- LM head: every row is read at every decode step, and dequantizing them each time cost several times the
-  GEMM itself, so the head is dequantized once at load into the model dtype (``weight``, 2 bytes per weight
-  resident in bf16; the checkpoint still stores INT4) and served by one ``F.linear``.
+- LM head: every row is read at every decode step, so the head is dequantized once at load (``LOAD_CHUNK_ROWS``
+  rows at a time, bounding the float32 scratch) into the model dtype (``weight``, 2 bytes per weight resident
+  in bf16; the checkpoint still stores INT4) and served by one ``F.linear``; dequantizing it at every step
+  held a CPU server at 201 instead of 283 output tok/s (``benchmarks/RESULTS.md``).
 
 Activations are not quantized here: this is the function of the reference forward, whose embedding and head
 weights are the dequantized codes.
@@ -27,6 +28,8 @@ from vllm.model_executor.utils import set_weight_attrs
 from conqur_vllm.config import CheckpointConfigError
 from conqur_vllm.formats import unpack_int32
 from conqur_vllm.quant import QuantizedTensor, QuantSpec, dequantize
+
+LOAD_CHUNK_ROWS = 8192
 
 
 class ConqurVocabMethod(QuantizeMethodBase):
@@ -66,7 +69,11 @@ class ConqurVocabMethod(QuantizeMethodBase):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         del layer.weight_shape
         if self.head:
-            weight = self._rows(layer, layer.weight_packed.data, layer.weight_scale.data, layer.params_dtype)
+            codes, scale = layer.weight_packed.data, layer.weight_scale.data
+            weight = torch.empty(codes.shape[0], layer.conqur_dim, dtype=layer.params_dtype, device=codes.device)
+            for start in range(0, codes.shape[0], LOAD_CHUNK_ROWS):
+                rows = slice(start, start + LOAD_CHUNK_ROWS)
+                weight[rows] = self._rows(layer, codes[rows], scale[rows], layer.params_dtype)
             del layer.weight_packed, layer.weight_scale
             layer.weight = nn.Parameter(weight, requires_grad=False)
         elif self.bits == 8:  # int8 codes are as small as packed ones and need no unpacking
