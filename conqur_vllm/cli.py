@@ -44,6 +44,9 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
                    help="symmetric per-token activation codes (default off: a zero point per token)")
     p.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
+    p.add_argument("--weight-symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric INT4 weight codes; --no-weight-symmetric: a zero point per channel (group) "
+                        "(default: symmetric for GPTQ, asymmetric for RTN)")
     p.add_argument("--gptq-inputs", choices=["fp-activations", "quantized", "asymmetric"], default=None,
                    help="what GPTQ's Hessians see: activations unquantized (QuaRot's way), the served model's "
                         "quantized inputs, or those aiming at the full-precision model's outputs (default: "
@@ -90,11 +93,25 @@ def _conqur_options(args):
 
 
 def _options(args):
+    """CalibrationOptions from the flags, or a one-line CalibrationError when they contradict each other."""
+    from pydantic import ValidationError
+
+    from conqur_vllm.calibration.pipeline import CalibrationError
+
+    try:
+        return _build_options(args)
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise CalibrationError(msg.replace("weight_symmetric=True", "--weight-symmetric")) from None
+
+
+def _build_options(args):
     from conqur_vllm.calibration.options import CalibrationOptions
 
     conqur = _conqur_options(args)
     given = {name: value for name, value in (("a_clip", args.a_clip), ("kv_clip", args.kv_clip),
-                                             ("gptq_inputs", args.gptq_inputs)) if value is not None}
+                                             ("gptq_inputs", args.gptq_inputs),
+                                             ("weight_symmetric", args.weight_symmetric)) if value is not None}
     return CalibrationOptions(**given,
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, a_shift=args.a_shift,
         a_symmetric=args.a_symmetric, kv_shift=args.kv_shift,

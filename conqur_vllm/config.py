@@ -25,7 +25,11 @@ class _Strict(BaseModel):
 
 
 class WeightQuantArgs(_Strict):
-    """INT weights, stored packed (compressed-tensors ``pack-quantized``: 8 nibbles per int32)."""
+    """INT weights, stored packed (compressed-tensors ``pack-quantized``: 8 nibbles per int32).
+
+    ``symmetric: false`` (4-bit only): unsigned codes with a zero point per output channel (or group), stored as
+    ``weight_zero_point``; the served GEMM reads the centered codes ``q - zero`` in [-15, 15] as int8.
+    """
 
     num_bits: Literal[4, 8] = 4
     symmetric: bool = True
@@ -38,6 +42,9 @@ class WeightQuantArgs(_Strict):
     def _check(self) -> WeightQuantArgs:
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"weights.group_size must be positive or null, got {self.group_size}")
+        if not self.symmetric and self.num_bits != 4:
+            raise ValueError(f"weights.symmetric false needs num_bits 4, got {self.num_bits}: centered 8-bit codes "
+                             "do not fit int8; recalibrate with symmetric weights")
         return self
 
 
@@ -167,6 +174,10 @@ class ConqurQuantConfig(_Strict):
             if prefix == self.vocab.head_module:
                 return self.vocab.head_bits, self.vocab.group_for(self.vocab.head_bits)
         return self.weights.num_bits, self.weights.group_size
+
+    def is_vocab_module(self, prefix: str) -> bool:
+        """Whether ``prefix`` is the packed embedding or LM head (always symmetric, with their own bits)."""
+        return self.vocab is not None and prefix in (self.vocab.embed_module, self.vocab.head_module)
 
     def has_input_shift(self, prefix: str) -> bool:
         """Whether the linear at ``prefix`` (e.g. ``model.layers.0.self_attn.qkv_proj``) stores an input_shift."""

@@ -25,11 +25,19 @@ from conqur_vllm.rotation.rotations import head_dim_of
 
 def dequantize_linear(tensors: dict[str, torch.Tensor], prefix: str, qcfg: ConqurQuantConfig) -> torch.Tensor:
     """Float32 ``[out, in]`` weight of a packed linear (or of the packed embedding / LM head)."""
-    _, in_f = (int(v) for v in tensors[f"{prefix}.weight_shape"])
+    out_f, in_f = (int(v) for v in tensors[f"{prefix}.weight_shape"])
     bits, group_size = qcfg.packed_weight_args(prefix)
-    q = unpack_int32(tensors[f"{prefix}.weight_packed"], bits, in_f, packed_dim=1, signed=True)
-    spec = QuantSpec(bits=bits, symmetric=True, group_size=group_size)
-    return dequantize(QuantizedTensor(q, tensors[f"{prefix}.weight_scale"], None, spec), torch.float32)
+    zero_name = f"{prefix}.weight_zero_point"
+    symmetric = zero_name not in tensors
+    if symmetric != qcfg.weights.symmetric and not qcfg.is_vocab_module(prefix):
+        raise ValueError(f"{prefix}: weights.symmetric is {qcfg.weights.symmetric} but {zero_name} is "
+                         f"{'missing' if symmetric else 'present'}; the checkpoint is inconsistent, recalibrate it")
+    q = unpack_int32(tensors[f"{prefix}.weight_packed"], bits, in_f, packed_dim=1, signed=symmetric)
+    zero = None
+    if not symmetric:  # packed along the output dim; the unsigned field is the zero point itself
+        zero = unpack_int32(tensors[zero_name], bits, out_f, packed_dim=0, signed=False)
+    spec = QuantSpec(bits=bits, symmetric=symmetric, group_size=group_size)
+    return dequantize(QuantizedTensor(q, tensors[f"{prefix}.weight_scale"], zero, spec), torch.float32)
 
 
 def load_reference_model(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32,

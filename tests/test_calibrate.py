@@ -55,15 +55,20 @@ def test_checkpoint_contents_and_report(tiny_llama_dir, text_file, tmp_path):
     assert not any(p.name.endswith(".calib-state") for p in tmp_path.iterdir())
 
 
-def test_reference_forward_equals_calibrated_model(tiny_llama_dir, text_file, tmp_path):
+@pytest.mark.parametrize("weight_quantizer", ["gptq", "rtn"])
+def test_reference_forward_equals_calibrated_model(tiny_llama_dir, text_file, tmp_path, weight_quantizer):
     """The checkpoint stores exactly the calibrated model (weights, embedding and head bit-exact; bf16 only for
-    the norms)."""
-    opts = _opts(text_file, a_bits=16, kv_bits=16)
+    the norms); RTN's default asymmetric weights round-trip through their zero points."""
+    opts = _opts(text_file, a_bits=16, kv_bits=16, weight_quantizer=weight_quantizer)
     model, tok = pipeline.load_model(tiny_llama_dir)
     result = pipeline.calibrate_model(model, tok, opts, synthetic_text(), progress=False)
     out = export_checkpoint(result, opts, tmp_path / "ckpt", source_dir=tiny_llama_dir, report={})
     tensors = read_checkpoint_tensors(out)
     assert {"model.embed_tokens", "lm_head"} <= set(result.qweights)
+    asym = weight_quantizer == "rtn"
+    assert ConqurQuantConfig.from_model_dir(out).weights.symmetric is not asym
+    zeros = [n for n in tensors if n.endswith(".weight_zero_point")]
+    assert len(zeros) == (7 * model.config.num_hidden_layers if asym else 0)  # decoder linears, not the vocab
     for prefix, qt in result.qweights.items():
         assert torch.equal(dequantize_linear(tensors, prefix, ConqurQuantConfig.from_model_dir(out)),
                            dequantize(qt, torch.float32))
@@ -237,6 +242,27 @@ def test_conqur_flag_rejects_bad_options_in_one_line(tiny_llama_dir, text_file, 
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr and "--conqur '{" in proc.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_contradicting_flags_give_one_line_error(tmp_path, capsys):
+    from conqur_vllm.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["calibrate", "-o", str(tmp_path / "y"), "--w-bits", "8", "--no-weight-symmetric"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err
+    assert "asymmetric weights need w_bits=4" in err and "--weight-symmetric" in err
+    assert not (tmp_path / "y").exists()
+
+
+def test_weight_symmetry_defaults_by_weight_quantizer():
+    assert CalibrationOptions(weight_quantizer="gptq").weight_symmetric is True
+    assert CalibrationOptions(weight_quantizer="rtn").weight_symmetric is False
+    assert CalibrationOptions(weight_quantizer="rtn", w_bits=8).weight_symmetric is True
+    assert CalibrationOptions(weight_quantizer="gptq", weight_symmetric=False).weight_symmetric is False
+    with pytest.raises(ValueError, match="asymmetric weights need w_bits=4"):
+        CalibrationOptions(w_bits=8, weight_symmetric=False)
+    assert pipeline.weight_spec(CalibrationOptions(weight_quantizer="rtn")).symmetric is False
 
 
 def test_forward_of_the_learner_defaults_by_weight_quantizer():

@@ -163,10 +163,11 @@ def test_int_gemm_backends_match_float64(backend: str, groups: int, out_dtype: t
 
 @pytest.mark.skipif(not HAS_ONEDNN, reason="no oneDNN")
 def test_onednn_extremes_do_not_saturate_and_weights_are_owned() -> None:
-    """8-bit activations at -128 times INT4 weights at -8: no int16 saturation; freed input weights are not used."""
+    """8-bit activations at -128 times the widest 4-bit weights (centered asymmetric codes at -15 and 15): no int16
+    saturation; freed input weights are not used."""
     a = torch.full((5, 1024), -128, dtype=torch.int8)
-    b = torch.full((64, 1024), -8, dtype=torch.int8)
-    b[1::2] = 7
+    b = torch.full((64, 1024), -15, dtype=torch.int8)
+    b[1::2] = 15
     a_s, b_s = torch.ones(5, 1), torch.ones(64, 2)
     gemm = make_int_gemm(b.clone(), b_s.clone(), torch.float32, "onednn")
     _ = [torch.randint(-100, 100, (64, 1024), dtype=torch.int8) for _ in range(8)]  # reuse freed memory
@@ -180,7 +181,7 @@ def test_int8_weights_use_the_reference_kernel() -> None:
     for backend in ("onednn", "hybrid"):
         with pytest.raises(ValueError, match=f"the {backend} backend needs INT4 weights on CPU"):
             make_int_gemm(b, torch.ones(16, 1), torch.float32, backend)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="the int4 backend needs INT4 weight codes"):
+    with pytest.raises(ValueError, match="the int4 backend needs signed INT4 weight codes"):
         make_int_gemm(b, torch.ones(16, 1), torch.float32, "int4")
     with pytest.raises(ValueError, match="unknown integer GEMM backend"):
         make_int_gemm(b, torch.ones(16, 1), torch.float32, "cutlass")  # type: ignore[arg-type]
@@ -270,16 +271,18 @@ def _plugin_config(**kw: Any):
 
 
 def _dequantized(qt) -> torch.Tensor:
-    q = qt.q.double()
     s = qt.scale.double()
-    return (q.view(q.shape[0], s.shape[1], -1) * s.unsqueeze(-1)).view(q.shape)
+    q = qt.q.double().view(qt.q.shape[0], s.shape[1], -1)
+    if qt.zero is not None:
+        q = q - qt.zero.double().unsqueeze(-1)
+    return (q * s.unsqueeze(-1)).view(qt.q.shape)
 
 
 def _build_layer(method, w: torch.Tensor, bias: torch.Tensor | None, group_size: int | None, bits: int = 4,
-                 shift: torch.Tensor | None = None):
+                 shift: torch.Tensor | None = None, weight_symmetric: bool = True):
     """Create the layer's parameters through the method, fill them like vLLM's loader does, post-process."""
     n, k = w.shape
-    qt = quantize_weight_rtn(w, QuantSpec(bits, group_size=group_size), clip_search=False)
+    qt = quantize_weight_rtn(w, QuantSpec(bits, symmetric=weight_symmetric, group_size=group_size), clip_search=False)
     tensors = quantized_linear_tensors("layer", qt, bias)
     if shift is not None:
         tensors["layer.input_shift"] = shift
@@ -290,7 +293,9 @@ def _build_layer(method, w: torch.Tensor, bias: torch.Tensor | None, group_size:
 
     method.create_weights(layer, k, [n], k, n, torch.float32, weight_loader=loader)
     names = ["weight_packed", "weight_scale", "weight_shape"] + (["input_shift"] if shift is not None else [])
+    names += [] if weight_symmetric else ["weight_zero_point"]
     assert hasattr(layer, "input_shift") == (shift is not None)
+    assert hasattr(layer, "weight_zero_point") == (not weight_symmetric)
     for name in names:
         param = getattr(layer, name)
         param.weight_loader(param, tensors[f"layer.{name}"])
@@ -320,6 +325,15 @@ LINEAR_CASES = {
                                                 "act_bits": 8, "shift": True, "asym": True},
     "asymmetric shifted R4 down_proj": {"prefix": "model.layers.1.mlp.down_proj", "group_size": None, "act_bits": 4,
                                         "r4": 0, "shift": True, "asym": True},
+    "asymmetric weights qkv + bias": {"prefix": "model.layers.0.self_attn.qkv_proj", "group_size": None,
+                                      "act_bits": 4, "bias": True, "wasym": True},
+    "asymmetric weights and codes, shifted group-64 gate_up": {"prefix": "model.layers.0.mlp.gate_up_proj",
+                                                               "group_size": 64, "act_bits": 4, "shift": True,
+                                                               "asym": True, "wasym": True},
+    "asymmetric weights W4A8 R4 down_proj": {"prefix": "model.layers.1.mlp.down_proj", "group_size": None,
+                                             "act_bits": 8, "r4": 0, "wasym": True},
+    "asymmetric weights W4A16": {"prefix": "model.layers.0.mlp.down_proj", "group_size": 32, "act_bits": 16,
+                                 "wasym": True},
 }
 
 
@@ -333,7 +347,8 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
     g = torch.Generator().manual_seed(len(case))
     transforms = [] if "r4" not in c else [{"site": "down_proj_input", "size": k, "block": c["r4"] or None}]
     shifted = ["qkv", "o_proj", "gate_up", "down_proj"] if c.get("shift") else []
-    config = _plugin_config(weights={"group_size": c["group_size"]},
+    wsym = not c.get("wasym")
+    config = _plugin_config(weights={"group_size": c["group_size"], "symmetric": wsym},
                             activations={"num_bits": c["act_bits"], "shifted_inputs": shifted,
                                          "symmetric": not c.get("asym")},
                             online_transforms=transforms)
@@ -342,7 +357,11 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
     bias = torch.randn(n, generator=g) if c.get("bias") else None
     offset = 3 * torch.randn(k, generator=g)  # a common component of every token, as after RMSNorm + R1
     shift = offset + 0.1 * torch.randn(k, generator=g) if c.get("shift") else None
-    layer, w_deq = _build_layer(method, w, bias, c["group_size"], shift=shift)
+    if not wsym and backend == "int4" and c["act_bits"] < 16:  # centered codes need 5 bits: no nibble packing
+        with pytest.raises(ValueError, match="signed INT4 weight codes"):
+            _build_layer(method, w, bias, c["group_size"], shift=shift, weight_symmetric=False)
+        return
+    layer, w_deq = _build_layer(method, w, bias, c["group_size"], shift=shift, weight_symmetric=wsym)
     x = torch.randn(2, m // 2, k, generator=g) * 2 + offset + torch.randn(2, m // 2, 1, generator=g)
     x[0, 0, 7] = 40.0  # an outlier channel
 
@@ -363,6 +382,13 @@ def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) 
         assert rel_err(xs @ w_deq.t() + (0 if bias is None else bias.double()), out.reshape(-1, n)) > 10 * max(err, 1e-7)
         # 4-bit codes are centered (q - zero fits int8): no rank-1 term; 8-bit ones keep it
         assert hasattr(layer, "weight_sum") == (c["act_bits"] == 8)
+    if not wsym:  # the zero points matter: reading the codes as symmetric ones is far off
+        codes = quantize_weight_rtn(w, QuantSpec(4, symmetric=False, group_size=c["group_size"]), clip_search=False)
+        no_zero = (codes.q.double().view(n, -1, codes.q.shape[1] // codes.scale.shape[1])
+                   * codes.scale.double().unsqueeze(-1)).view(n, k)
+        assert rel_err(xq @ no_zero.t(), out.reshape(-1, n)) > 0.3
+        if c["act_bits"] < 16 and backend in ("reference", "hybrid"):  # centered codes reach beyond [-8, 7]
+            assert int(layer.weight_int.min()) < -8 or int(layer.weight_int.max()) > 7
     if shift is not None:  # the same layer without its shift quantizes x itself: measurably different
         unshifted = fake_quantize(xr.float(), activation_spec(c["act_bits"], 0.9)).double() @ w_deq.t()
         assert rel_err(unshifted + (0 if bias is None else bias.double()), out.reshape(-1, n)) > 10 * max(err, 1e-7)
@@ -464,8 +490,9 @@ def test_config_rejects_bad_checkpoints_with_one_line() -> None:
     with pytest.raises(CheckpointConfigError) as info:
         ConqurConfig.from_config({"quant_method": "conqur", "activations": {"num_bits": 3}})
     assert "activations.num_bits" in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(CheckpointConfigError, match="symmetric weights only"):
-        ConqurConfig.from_config({"quant_method": "conqur", "weights": {"symmetric": False}})
+    with pytest.raises(CheckpointConfigError, match="symmetric false needs num_bits 4"):
+        ConqurConfig.from_config({"quant_method": "conqur", "weights": {"symmetric": False, "num_bits": 8}})
+    assert not ConqurConfig.from_config({"quant_method": "conqur", "weights": {"symmetric": False}}).checkpoint.weights.symmetric
     with pytest.raises(CheckpointConfigError, match="unknown field"):
         ConqurConfig.from_config({"quant_method": "conqur", "kernel": "fast"})
 
@@ -718,13 +745,14 @@ GEN_TOKENS = 8
 def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = None, act_bits: int = 4,
                           r4_block: int | None = 0, r3: bool = True, kv_bits: int = 4, seed: int = 0,
                           gain: float = 1.5, vocab: bool = False, shift: bool = False, asym: bool = False,
-                          key_shift: bool = False) -> Path:
+                          key_shift: bool = False, weight_asym: bool = False) -> Path:
     """A random decoder quantized by RTN (``quant.py``), packed and written by ``checkpoint.write_checkpoint``.
 
     ``r4_block``: None = no R4, 0 = one Hadamard over the intermediate size, else the block size.
     ``vocab``: INT4 embedding (groups of 32) and INT8 LM head, packed like the linears.
     ``shift``: an ``input_shift`` per q/k/v, o_proj and gate/up input (one vector per input group).
     ``asym``: asymmetric per-token activation codes. ``key_shift``: an ``attn.k_shift`` per layer.
+    ``weight_asym``: decoder weights with a zero point per output channel (or group).
     Weights are drawn with enough scale that the next-token distributions are far from uniform.
     """
     from transformers import AutoModelForCausalLM
@@ -744,7 +772,8 @@ def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = No
             w = torch.randn(p.shape, generator=g) * gain / math.sqrt(p.shape[1])
             b = getattr(model.get_submodule(module), "bias", None)
             bias = None if b is None else 0.3 * torch.randn(b.shape, generator=g)
-            qt = quantize_weight_rtn(w, QuantSpec(4, group_size=group_size), clip_search=False)
+            qt = quantize_weight_rtn(w, QuantSpec(4, symmetric=not weight_asym, group_size=group_size),
+                                     clip_search=False)
             tensors.update(quantized_linear_tensors(module, qt, bias))
             group = LINEAR_INPUT_GROUP[module.rsplit(".", 1)[-1]]
             if shift and group != "down_proj":  # q/k/v (and gate/up) read one tensor: one vector for the group
@@ -774,7 +803,7 @@ def write_tiny_checkpoint(out: Path, family: str, *, group_size: int | None = No
         transforms.append({"site": "qk_post_rope", "size": HEAD_DIM})
     quant = ConqurQuantConfig.from_dict({
         "quant_method": "conqur", "method": "quarot",
-        "weights": {"group_size": group_size, "quantizer": "rtn", "clip_search": False},
+        "weights": {"group_size": group_size, "quantizer": "rtn", "clip_search": False, "symmetric": not weight_asym},
         "activations": {"num_bits": act_bits, "shifted_inputs": ["qkv", "o_proj", "gate_up"] if shift else [],
                         "symmetric": not asym},
         "kv_cache": {"num_bits": kv_bits, "key_shift": key_shift},
@@ -813,9 +842,15 @@ def reference_log_softmax(ckpt: Path, sequences: list[list[int]], *, act: bool =
             continue
         if name.endswith(".weight") and f"{module}.weight_packed" in tensors:
             bits, _ = qc.packed_weight_args(module)
-            codes = unpack_int32(tensors[f"{module}.weight_packed"], bits, p.shape[1]).double()
+            zero_name = f"{module}.weight_zero_point"
+            codes = unpack_int32(tensors[f"{module}.weight_packed"], bits, p.shape[1],
+                                 signed=zero_name not in tensors).double()
             scale = tensors[f"{module}.weight_scale"].double()
-            state[name] = (codes.view(p.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)).view(p.shape).float()
+            codes = codes.view(p.shape[0], scale.shape[1], -1)
+            if zero_name in tensors:  # unsigned zero points packed along the output dim
+                codes = codes - unpack_int32(tensors[zero_name], bits, p.shape[0], packed_dim=0,
+                                             signed=False).double().unsqueeze(-1)
+            state[name] = (codes * scale.unsqueeze(-1)).view(p.shape).float()
         else:
             state[name] = tensors[name].float()
     model.load_state_dict(state)
@@ -979,7 +1014,7 @@ def llama_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     kv_bits = 16 if cpu_supports_fp8_kv() else 4
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama-w4a4", "llama", shift=True, kv_bits=kv_bits,
-                                 asym=True, key_shift=True)
+                                 asym=True, key_shift=True, weight_asym=True)
 
 
 @pytest.mark.slow
@@ -1032,9 +1067,10 @@ def test_vllm_tensor_parallel_2_matches_single_device_reference(tmp_path: Path) 
     """TP=2 shards qkv/gate_up by output and o/down by input (packed int4, group scales and input shifts sliced by
     vLLM's parameter classes; each rank adds its part of the shift's bias before the all-reduce); R4 blocks stay
     inside a shard and row extremes (asymmetric codes) are all-reduced, so it equals TP=1. Key shifts load by KV
-    head. The INT4 embedding and INT8 LM head shard by vocabulary rows."""
+    head. The INT4 embedding and INT8 LM head shard by vocabulary rows. Weights are asymmetric: their packed zero
+    points shard like the scales (by output for qkv/gate_up, by group for o/down)."""
     ckpt = write_tiny_checkpoint(tmp_path / "llama-tp", "llama", group_size=64, r4_block=256, kv_bits=16, seed=3,
-                                 vocab=True, shift=True, asym=True, key_shift=True)
+                                 vocab=True, shift=True, asym=True, key_shift=True, weight_asym=True)
     result = vllm_in_subprocess(
         tmp_path,
         {"model": ckpt, "eager": True, "dtype": "float32", "prompts": PROMPTS, "entry_point": True,

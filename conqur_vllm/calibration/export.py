@@ -37,7 +37,8 @@ def quant_config_for(result: CalibrationResult, opts: CalibrationOptions, source
         transforms.append(OnlineTransform(site="qk_post_rope", size=head_dim_of(cfg)))
     return ConqurQuantConfig(
         method=opts.method,
-        weights=WeightQuantArgs(num_bits=opts.w_bits, group_size=opts.group_size, quantizer=opts.weight_quantizer,
+        weights=WeightQuantArgs(num_bits=opts.w_bits, symmetric=bool(opts.weight_symmetric),
+                                group_size=opts.group_size, quantizer=opts.weight_quantizer,
                                 clip_search=opts.clip_search),
         activations=ActivationQuantArgs(num_bits=opts.a_bits, clip_ratio=opts.a_clip, symmetric=opts.a_symmetric,
                                         shifted_inputs=result.input_shifts.groups if result.input_shifts else ()),

@@ -51,6 +51,10 @@ class CalibrationOptions(BaseModel):
     kv_bits: Literal[4, 8, 16] = 4
     weight_quantizer: Literal["gptq", "rtn"] = "gptq"
     group_size: int | None = None
+    weight_symmetric: bool | None = Field(
+        default=None, description="symmetric INT weight codes; False: a zero point per output channel (group), "
+                                  "4-bit weights only; None (measured default): symmetric for GPTQ, asymmetric "
+                                  "for 4-bit RTN")
     gptq_inputs: Literal["fp-activations", "quantized", "asymmetric"] = Field(
         default="asymmetric",
         description="what GPTQ's Hessians see: fp-activations (activation/KV quantization off, as in QuaRot), "
@@ -86,11 +90,16 @@ class CalibrationOptions(BaseModel):
 
     @model_validator(mode="after")
     def _resolve_forward(self) -> CalibrationOptions:
-        """``conqur.quantized_forward=None`` becomes True for RTN weights and False for GPTQ, ``conqur.center=None``
-        follows ``a_shift`` (measured defaults)."""
+        """``conqur.quantized_forward=None`` becomes True for RTN weights and False for GPTQ, ``weight_symmetric=None``
+        False for 4-bit RTN weights only, ``conqur.center=None`` follows ``a_shift`` (measured defaults)."""
         if self.conqur.quantized_forward is None:
             forward = self.weight_quantizer == "rtn"
             self.conqur = self.conqur.model_copy(update={"quantized_forward": forward})
+        if self.weight_symmetric is None:  # measured: a zero point helps RTN a lot and GPTQ not at all
+            self.weight_symmetric = not (self.weight_quantizer == "rtn" and self.w_bits == 4)
+        elif not self.weight_symmetric and self.w_bits != 4:
+            raise ValueError(f"asymmetric weights need w_bits=4 (got {self.w_bits}): their centered codes must fit "
+                             "int8; use weight_symmetric=True")
         if self.conqur.center is None:  # measured: with shifted inputs, centered corners win on every seed
             self.conqur = self.conqur.model_copy(update={"center": self.a_shift and self.a_bits < 16})
         return self

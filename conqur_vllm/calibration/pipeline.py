@@ -97,7 +97,8 @@ def heldout_windows(tokenizer, text: str, opts: CalibrationOptions) -> torch.Ten
 
 
 def weight_spec(opts: CalibrationOptions) -> QuantSpec | None:
-    return None if opts.w_bits >= 16 else QuantSpec(bits=opts.w_bits, symmetric=True, group_size=opts.group_size)
+    return None if opts.w_bits >= 16 else QuantSpec(bits=opts.w_bits, symmetric=bool(opts.weight_symmetric),
+                                                          group_size=opts.group_size)
 
 
 def target_specs(opts: CalibrationOptions) -> dict[str, QuantSpec | None]:

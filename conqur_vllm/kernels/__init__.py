@@ -12,8 +12,9 @@ Backends of :func:`make_int_gemm` (resident bytes per weight in brackets):
 - ``hybrid`` [2]: oneDNN, plus the codes for the reference GEMM on calls with fewer than 16 rows (decode).
 - ``int4`` [0.5]: ``conqur::int4_scaled_mm`` on INT4 codes packed 8 per int32 (compressed-tensors layout):
   the Triton kernel (unpacked in-kernel, INT8 MMA) on CUDA, the exact reference elsewhere.
-- ``auto``: ``hybrid`` on CPU when oneDNN is there and the weights are INT4; ``int4`` on CUDA when Triton is
-  installed and the weights are INT4 with K a multiple of 8; else ``reference`` (logged once).
+- ``auto``: ``hybrid`` on CPU when oneDNN is there and the weights are 4-bit (symmetric codes in [-8, 7] or
+  centered asymmetric ones in [-15, 15]); ``int4`` on CUDA when Triton is installed and the weights are symmetric
+  INT4 with K a multiple of 8; else ``reference`` (on CUDA the Triton GEMM on int8 codes; logged once).
 
 The ``CONQUR_INT_GEMM`` environment variable picks the backend of the vLLM plugin (default ``auto``).
 """
@@ -85,22 +86,27 @@ def make_int_gemm(b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype, backend:
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown integer GEMM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    int4 = b_q.numel() == 0 or int(b_q.abs().max()) <= onednn.MAX_WEIGHT_CODE
-    usable = b_q.device.type == "cpu" and int4 and onednn_available()
-    packable = int4 and b_q.shape[1] % 8 == 0
+    empty = b_q.numel() == 0
+    four_bit = empty or int(b_q.abs().max()) <= onednn.MAX_WEIGHT_CODE  # symmetric or centered asymmetric INT4
+    signed_int4 = empty or (int(b_q.min()) >= -8 and int(b_q.max()) <= 7)
+    usable = b_q.device.type == "cpu" and four_bit and onednn_available()
+    packable = signed_int4 and b_q.shape[1] % 8 == 0
     if backend in ("onednn", "hybrid") and not usable:
         raise ValueError(f"the {backend} backend needs INT4 weights on CPU and vLLM's CPU extension; "
                          "use backend 'auto' or 'reference'")
     if backend == "int4" and not packable:
-        raise ValueError("the int4 backend needs INT4 weight codes and an input size divisible by 8; "
-                         "use backend 'auto' or 'reference'")
+        raise ValueError("the int4 backend needs signed INT4 weight codes (symmetric weights) and an input size "
+                         "divisible by 8; use backend 'auto' or 'reference'")
     if backend == "auto":
         preferred = preferred_backend(b_q.is_cuda)
         backend = preferred if {"hybrid": usable, "int4": packable}.get(preferred, True) else "reference"
         if b_q.is_cuda and backend == "reference" and not _FALLBACK_LOGGED:
             _FALLBACK_LOGGED.append(True)
-            reason = "Triton is not installed" if preferred == "reference" else "the weights are not INT4 with K % 8 == 0"
-            logger.warning("conqur: %s, so CUDA linears use the reference integer GEMM (slow)", reason)
+            if preferred == "reference":
+                logger.warning("conqur: Triton is not installed, so CUDA linears use the reference integer GEMM (slow)")
+            else:  # conqur::int_scaled_mm runs the same Triton GEMM on int8 codes
+                logger.info("conqur: weights are not symmetric INT4 with K %% 8 == 0 (e.g. asymmetric weights), so "
+                            "CUDA linears keep int8 codes (1 byte per weight) for the Triton GEMM")
     if backend == "onednn":
         return OneDNNIntGemm(b_q, b_scale, out_dtype)
     if backend == "hybrid":

@@ -12,8 +12,9 @@ oneDNN's s8 GEMM has a fixed cost per call that dominates for a few rows (measur
 Resident memory: the int8 weights held by oneDNN (1 byte per weight) plus float32 scales, and another byte per
 weight when the codes are kept for the few-rows path.
 
-Only INT4-valued weights go through oneDNN: without VNNI, oneDNN's s8 x s8 kernels may saturate int16
-intermediates for full-range 8-bit weights, while |w| <= 8 keeps every intermediate exact.
+Only 4-bit weights go through oneDNN, symmetric codes or the centered codes ``q - zero`` of asymmetric ones
+(|w| <= 15): without VNNI, oneDNN's s8 x s8 kernels add pairs of u8 x s8 products in int16 with saturation, which
+full-range 8-bit weights can overflow, while 2 x 255 x 15 < 2^15 keeps every intermediate exact.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from torch import Tensor
 
 from conqur_vllm.kernels.reference import int_scaled_mm_impl
 
-MAX_WEIGHT_CODE = 8
-"""Largest |weight code| this path accepts (INT4)."""
+MAX_WEIGHT_CODE = 15
+"""Largest |weight code| this path accepts (INT4, symmetric or centered asymmetric)."""
 
 SMALL_M = 16
 """Row count below which the reference GEMM is faster than oneDNN (when the codes are kept)."""
@@ -40,7 +41,7 @@ def onednn_available() -> bool:
 
 
 class OneDNNIntGemm:
-    """oneDNN handlers for int8 codes ``b_q [N, K]`` (values in [-8, 8]) with float32 scales ``b_scale [N, G]``.
+    """oneDNN handlers for int8 codes ``b_q [N, K]`` (values in [-15, 15]) with float32 scales ``b_scale [N, G]``.
 
     ``keep_codes``: also keep ``b_q`` (1 byte per weight) and send calls with fewer than ``SMALL_M`` rows to
     the reference GEMM.

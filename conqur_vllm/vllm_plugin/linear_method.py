@@ -1,11 +1,13 @@
 """Linear method for conqur's INT4 (or INT8) weights with dynamic per-token INT activations.
 
-Checkpoint layout (compressed-tensors ``pack-quantized``, symmetric): ``weight_packed`` int32 ``[out, in/8]``
-(INT4 code v stored as nibble v+8, value i of each 8 at bits 4i), ``weight_scale`` float32 ``[out, groups]``,
-``weight_shape`` int64 ``[2]``. The parameters are vLLM parameter classes, so fused qkv / gate_up shards and
+Checkpoint layout (compressed-tensors ``pack-quantized``): ``weight_packed`` int32 ``[out, in/8]``
+(symmetric: INT4 code v stored as nibble v+8; asymmetric: the unsigned code; value i of each 8 at bits 4i),
+``weight_scale`` float32 ``[out, groups]``, ``weight_shape`` int64 ``[2]`` and, for ``weights.symmetric: false``,
+``weight_zero_point`` int32 ``[out/8, groups]`` (signed ``zero - 8`` packed along the output dim). The parameters are vLLM parameter classes, so fused qkv / gate_up shards and
 tensor-parallel slices load through vLLM's own ``weight_loader_v2``.
 
-After loading, the codes are unpacked once to int8 and handed to the integer GEMM (see
+After loading, the codes are unpacked once to int8 (asymmetric weights as their centered codes ``q - zero`` in
+[-15, 15], so every GEMM serves them as it serves symmetric ones) and handed to the integer GEMM (see
 ``conqur_vllm.kernels.make_int_gemm``; ``CONQUR_INT_GEMM`` picks the backend); the packed int32 tensors are
 freed. Resident per layer: float32 scales plus the int8 codes, 1 byte per weight, as oneDNN's copy
 (``onednn``) or the parameter ``weight_int`` (``reference``), or both (``hybrid``, the CPU default: oneDNN for
@@ -38,6 +40,7 @@ from vllm.model_executor.parameter import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
+    PackedColumnParameter,
     PackedvLLMParameter,
     RowvLLMParameter,
 )
@@ -63,6 +66,14 @@ def _dequantize(codes: Tensor, scale: Tensor) -> Tensor:
     return (codes.to(torch.float32).view(codes.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)).view(codes.shape)
 
 
+def _centered_codes(codes: Tensor, packed_zero: Tensor, n_groups: int, bits: int) -> Tensor:
+    """int8 ``q - zero`` (in [-(2^b - 1), 2^b - 1]) from unsigned codes ``[out, in]`` and packed zero points."""
+    n_out = codes.shape[0]
+    zero = unpack_int32(packed_zero, bits, n_out, packed_dim=0, signed=False).to(torch.int16)  # the field is zero
+    grouped = codes.to(torch.int16).view(n_out, n_groups, -1) - zero.view(n_out, n_groups, 1)
+    return grouped.view(codes.shape).to(torch.int8)
+
+
 def _scale_parameter(n_out: int, n_groups: int, grouped: bool, weight_loader: Any) -> BasevLLMParameter:
     data = torch.empty(n_out, n_groups, dtype=torch.float32)
     if grouped:
@@ -81,6 +92,7 @@ class ConqurLinearMethod(LinearMethodBase):
         ckpt = quant_config.checkpoint
         self.weight_bits = ckpt.weights.num_bits
         self.group_size = ckpt.weights.group_size
+        self.weight_symmetric = ckpt.weights.symmetric
         self.act_bits = ckpt.activations.num_bits
         self.clip_ratio = ckpt.activations.clip_ratio
         self.act_symmetric = ckpt.activations.symmetric
@@ -135,6 +147,12 @@ class ConqurLinearMethod(LinearMethodBase):
         layer.register_parameter("weight_packed", packed)
         layer.register_parameter("weight_scale", _scale_parameter(n_out, n_groups, grouped, weight_loader))
         layer.register_parameter("weight_shape", shape)
+        if not self.weight_symmetric:  # as compressed-tensors' asymmetric WNA16: zero points packed along the output
+            zero_cls = PackedvLLMParameter if grouped else PackedColumnParameter
+            zero_dims = {"input_dim": 1} if grouped else {}
+            zero = zero_cls(data=torch.zeros(-(-n_out // pack), n_groups, dtype=torch.int32), output_dim=0,
+                            packed_dim=0, packed_factor=pack, weight_loader=weight_loader, **zero_dims)
+            layer.register_parameter("weight_zero_point", zero)
         if self.shifted:  # the same vector for every shard of a merged layer; sliced along the input for TP rows
             shift = RowvLLMParameter(data=torch.empty(input_size_per_partition, dtype=torch.float32), input_dim=0,
                                      weight_loader=weight_loader)
@@ -161,12 +179,16 @@ class ConqurLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         k = layer.input_size_per_partition
-        codes = unpack_int32(layer.weight_packed.data, self.weight_bits, k, packed_dim=1, signed=True)
+        codes = unpack_int32(layer.weight_packed.data, self.weight_bits, k, packed_dim=1,
+                             signed=self.weight_symmetric)
         scale = layer.weight_scale.data.to(torch.float32)
         if scale.shape[0] != codes.shape[0] or k % scale.shape[1]:
             raise CheckpointConfigError(
                 f"{self.prefix}: weight_scale shape {tuple(scale.shape)} does not fit weights {tuple(codes.shape)}"
             )
+        if not self.weight_symmetric:
+            codes = _centered_codes(codes, layer.weight_zero_point.data, scale.shape[1], self.weight_bits)
+            del layer.weight_zero_point
         del layer.weight_packed, layer.weight_shape
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
         if self.act_bits >= 16:

@@ -38,14 +38,6 @@ an fp8 cache whenever the user left ``kv_cache_dtype`` at ``auto`` (passing the 
 keeps an unquantized cache)."""
 
 
-def _check_servable(ckpt: ConqurQuantConfig) -> None:
-    if not ckpt.weights.symmetric:
-        raise CheckpointConfigError(
-            "quantization_config.weights.symmetric is false: the vLLM plugin serves symmetric weights only; "
-            "recalibrate with symmetric weights"
-        )
-
-
 @register_quantization_config(QUANT_METHOD)
 class ConqurConfig(QuantizationConfig):
     """vLLM view of a conqur checkpoint; ``ConqurConfig()`` serves the default W4A4 settings."""
@@ -53,7 +45,6 @@ class ConqurConfig(QuantizationConfig):
     def __init__(self, checkpoint: ConqurQuantConfig | None = None) -> None:
         super().__init__()
         self.checkpoint = checkpoint if checkpoint is not None else ConqurQuantConfig()
-        _check_servable(self.checkpoint)
         self.ignore: list[str] = list(self.checkpoint.ignore)
 
     def __repr__(self) -> str:
