@@ -3,8 +3,9 @@
 Checkpoint layout (compressed-tensors ``pack-quantized``): ``weight_packed`` int32 ``[out, in/8]``
 (symmetric: INT4 code v stored as nibble v+8; asymmetric: the unsigned code; value i of each 8 at bits 4i),
 ``weight_scale`` float32 ``[out, groups]``, ``weight_shape`` int64 ``[2]`` and, for ``weights.symmetric: false``,
-``weight_zero_point`` int32 ``[out/8, groups]`` (signed ``zero - 8`` packed along the output dim). The parameters are vLLM parameter classes, so fused qkv / gate_up shards and
-tensor-parallel slices load through vLLM's own ``weight_loader_v2``.
+``weight_zero_point`` int32 ``[out/8, groups]`` (signed ``zero - 8`` packed along the output dim). The
+parameters are vLLM parameter classes, so fused qkv / gate_up shards and tensor-parallel slices load through
+vLLM's own ``weight_loader_v2``.
 
 After loading, the codes are unpacked once to int8 (asymmetric weights as their centered codes ``q - zero`` in
 [-15, 15], so every GEMM serves them as it serves symmetric ones) and handed to the integer GEMM (see
