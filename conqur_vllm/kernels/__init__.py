@@ -86,9 +86,9 @@ def make_int_gemm(b_q: Tensor, b_scale: Tensor, out_dtype: torch.dtype, backend:
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown integer GEMM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    empty = b_q.numel() == 0
-    four_bit = empty or int(b_q.abs().max()) <= onednn.MAX_WEIGHT_CODE  # symmetric or centered asymmetric INT4
-    signed_int4 = empty or (int(b_q.min()) >= -8 and int(b_q.max()) <= 7)
+    lo, hi = (int(v) for v in torch.aminmax(b_q)) if b_q.numel() else (0, 0)
+    four_bit = max(-lo, hi) <= onednn.MAX_WEIGHT_CODE  # symmetric or centered asymmetric INT4
+    signed_int4 = lo >= -8 and hi <= 7
     usable = b_q.device.type == "cpu" and four_bit and onednn_available()
     packable = signed_int4 and b_q.shape[1] % 8 == 0
     if backend in ("onednn", "hybrid") and not usable:

@@ -46,8 +46,7 @@ def hadamard_quantize_per_token(x: Tensor, block: int, bits: int, clip_ratio: fl
 
 @hadamard_quantize_per_token.register_fake
 def _(x: Tensor, block: int, bits: int, clip_ratio: float) -> tuple[Tensor, Tensor]:
-    return (torch.empty_like(x, dtype=torch.int8),
-            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+    return reference.codes_and_scales_like(x)
 
 
 @torch.library.custom_op("conqur::hadamard_quantize_per_token_centered", mutates_args=())
@@ -59,8 +58,7 @@ def hadamard_quantize_per_token_centered(x: Tensor, block: int, bits: int, clip_
 
 @hadamard_quantize_per_token_centered.register_fake
 def _(x: Tensor, block: int, bits: int, clip_ratio: float) -> tuple[Tensor, Tensor]:
-    return (torch.empty_like(x, dtype=torch.int8),
-            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+    return reference.codes_and_scales_like(x)
 
 
 @torch.library.custom_op("conqur::int4_scaled_mm", mutates_args=())

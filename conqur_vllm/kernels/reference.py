@@ -39,6 +39,12 @@ def _float32_operand(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.to(torch.float32)
 
 
+def codes_and_scales_like(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Empty int8 codes shaped like the 2-D ``x`` and float32 per-row scales ``[M, 1]``: what the per-token
+    quantizers return, for their fake (meta) implementations."""
+    return torch.empty_like(x, dtype=torch.int8), torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+
+
 def _check_bits(bits: int) -> int:
     if not 2 <= bits <= 8:
         raise ValueError(f"activation bits must be in 2..8 for integer quantization, got {bits}")
@@ -64,10 +70,7 @@ def quantize_per_token(
 
 @quantize_per_token.register_fake
 def _(x: Tensor, bits: int, clip_ratio: float, absmax: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    return (
-        torch.empty_like(x, dtype=torch.int8),
-        torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device),
-    )
+    return codes_and_scales_like(x)
 
 
 def _asym_grid(
@@ -108,8 +111,8 @@ def quantize_per_token_asym(
 @quantize_per_token_asym.register_fake
 def _(x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None = None,
       row_max: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    rows = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-    return torch.empty_like(x, dtype=torch.int8), rows, torch.empty_like(rows)
+    codes, scales = codes_and_scales_like(x)
+    return codes, scales, torch.empty_like(scales)
 
 
 MAX_CENTERED_BITS = 7
@@ -132,8 +135,7 @@ def quantize_per_token_centered(
 @quantize_per_token_centered.register_fake
 def _(x: Tensor, bits: int, clip_ratio: float, row_min: Tensor | None = None,
       row_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    return (torch.empty_like(x, dtype=torch.int8),
-            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+    return codes_and_scales_like(x)
 
 
 def _chunk_size(k: int) -> int:
