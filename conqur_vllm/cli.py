@@ -40,6 +40,9 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-shift", action=argparse.BooleanOptionalAction, default=True,
                    help="subtract each layer's calibration-mean key before the KV quantizer (exact for attention; "
                         "default on)")
+    p.add_argument("--smooth", choices=["none", "down", "all"], default=None,
+                   help="per-channel smoothing scales fused into the model, chosen per layer on calibration data: "
+                        "down: at the down_proj input; all: also q/k/v and gate/up (default: the calibrator's)")
     p.add_argument("--a-symmetric", action=argparse.BooleanOptionalAction, default=False,
                    help="symmetric per-token activation codes (default off: a zero point per token)")
     p.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default="gptq")
@@ -111,7 +114,8 @@ def _build_options(args):
     conqur = _conqur_options(args)
     given = {name: value for name, value in (("a_clip", args.a_clip), ("kv_clip", args.kv_clip),
                                              ("gptq_inputs", args.gptq_inputs),
-                                             ("weight_symmetric", args.weight_symmetric)) if value is not None}
+                                             ("weight_symmetric", args.weight_symmetric),
+                                             ("smooth", args.smooth)) if value is not None}
     return CalibrationOptions(**given,
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, a_shift=args.a_shift,
         a_symmetric=args.a_symmetric, kv_shift=args.kv_shift,

@@ -23,10 +23,17 @@ from conqur_vllm.calibration.kv_shift import KeyShifts, install_key_shifts, meas
 from conqur_vllm.calibration.layerwise import quantize_weights
 from conqur_vllm.calibration.learn_rotations import LearnReport, learn_rotations
 from conqur_vllm.calibration.options import CalibrationOptions
+from conqur_vllm.calibration.smooth import SMOOTH_SITES, SmoothScales, smooth_model
 from conqur_vllm.calibration.vocab import quantize_vocab
 from conqur_vllm.models.adapters import get_adapter
 from conqur_vllm.quant import QuantizedTensor, QuantSpec, activation_spec, kv_spec
-from conqur_vllm.rotation.rotations import Rotations, apply_rotations, head_dim_of, quarot_rotations
+from conqur_vllm.rotation.rotations import (
+    Rotations,
+    apply_rotations,
+    down_transform,
+    head_dim_of,
+    quarot_rotations,
+)
 
 SHIFT_SEQUENCES = 2  # calibration sequences whose mean inputs become the activation shifts
 
@@ -47,6 +54,7 @@ class CalibrationResult:
     clip_choice: ClipChoice | None = None
     input_shifts: InputShifts | None = None
     key_shifts: KeyShifts | None = None
+    smoothing: SmoothScales | None = None
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -106,6 +114,18 @@ def target_specs(opts: CalibrationOptions) -> dict[str, QuantSpec | None]:
     act = None if opts.a_bits >= 16 else activation_spec(opts.a_bits, opts.a_clip, opts.a_symmetric)
     value = None if opts.kv_bits >= 16 else kv_spec(opts.kv_bits, clip_ratio=opts.kv_clip)  # one head's row
     return {"act_spec": act, "value_spec": value}
+
+
+def set_smoothing(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor],
+                  rot: Rotations) -> SmoothScales:
+    """Choose and fuse the smoothing scales on the rotated ``model`` (the sequences of the activation shifts),
+    as ``smooth`` says (none for unquantized activations)."""
+    if opts.smooth == "none" or opts.a_bits >= 16:
+        return SmoothScales()
+    return smooth_model(model, get_adapter(model.config), batches[0][:SHIFT_SEQUENCES].to(opts.device),
+                        act_bits=opts.a_bits, act_symmetric=opts.a_symmetric, w_spec=weight_spec(opts),
+                        h4=down_transform(model.config, rot), r4_block=rot.r4_block,
+                        sites=("down",) if opts.smooth == "down" else SMOOTH_SITES)
 
 
 def set_input_shifts(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor]) -> InputShifts:
@@ -198,7 +218,7 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
     times: dict[str, float] = {}
     needs_data = (opts.method == "conqur" or (opts.w_bits < 16 and opts.weight_quantizer == "gptq")
                   or ((opts.a_clip == "auto" or opts.a_shift) and opts.a_bits < 16)
-                  or (opts.kv_shift and opts.kv_bits < 16))
+                  or (opts.kv_shift and opts.kv_bits < 16) or (opts.smooth != "none" and opts.a_bits < 16))
     batches = (calibration_batches(tokenizer, calib_text, opts.samples, opts.seq_len, opts.conqur.batch_size,
                                    opts.seed) if needs_data else [])
     rot = initial_rotations(model, opts)
@@ -213,6 +233,7 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
         times["learn_rotations"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     apply_rotations(model, adapter, rot)
+    smoothing = set_smoothing(model, opts, batches, rot)
     shifts = set_input_shifts(model, opts, batches)
     key_shifts = set_key_shifts(model, opts, batches)
     opts, clip_choice = resolve_activation_clip(model, opts, batches)
@@ -235,4 +256,5 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
                                     progress=progress, on_layer=keep_hidden)
         qweights.update(quantize_vocab(model, adapter, opts, final_hidden=last_hidden))
         times["quantize_weights"] = time.perf_counter() - t0
-    return CalibrationResult(model, tokenizer, rot, qweights, times, report, opts, clip_choice, shifts, key_shifts)
+    return CalibrationResult(model, tokenizer, rot, qweights, times, report, opts, clip_choice, shifts, key_shifts,
+                             smoothing)

@@ -86,6 +86,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             state.save_rotations(rot, learn_report)
         apply_rotations(model, adapter, rot)
         release_memory()
+        smoothing = pipeline.set_smoothing(model, opts, batches, rot)  # before any resumed layer, as shifts
         shifts = pipeline.set_input_shifts(model, opts, batches)  # before any resumed layer: same as a full run
         key_shifts = pipeline.set_key_shifts(model, opts, batches)
         used, clip_choice = pipeline.resolve_activation_clip(model, opts, batches)  # a_clip "auto" -> a ratio
@@ -119,7 +120,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
 
         metrics.set_stage("export")
         result = pipeline.CalibrationResult(model, tokenizer, rot, qweights, options=used, clip_choice=clip_choice,
-                                            input_shifts=shifts, key_shifts=key_shifts)
+                                            input_shifts=shifts, key_shifts=key_shifts, smoothing=smoothing)
         sqnr = activation_sqnr(model, adapter, batches[0][:1])
         times["total"] = time.perf_counter() - t_start
         report = {
@@ -130,6 +131,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             "activation_clip": clip_choice.to_dict() if clip_choice else {"chosen": used.a_clip},
             "activation_shift": shifts.report(),
             "key_shift": key_shifts.report(),
+            "smoothing": smoothing.report(),
             "stage_seconds": times,
             "samples_used": opts.samples,
             "tokens_used": opts.samples * opts.seq_len,

@@ -42,6 +42,14 @@ def quarot_rotations(config, seed: int = 0, r4_block: int | None = None) -> Rota
     )
 
 
+def down_transform(config, rot: Rotations) -> torch.Tensor | None:
+    """The R4 matrix (float64) fused into down_proj's columns, None without R4."""
+    if not rot.r4:
+        return None
+    n = config.intermediate_size
+    return hadamard_matrix(n) if rot.r4_block is None else block_hadamard_matrix(n, rot.r4_block)
+
+
 def apply_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations) -> None:
     """Make the model rotation-invariant, fuse R1/R2/R4 weights, and install the online R3/R4 in the forward.
 
@@ -53,8 +61,6 @@ def apply_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations) -> 
     if rot.r2 is not None:
         rotate_values(model, adapter, rot.r2)
     if rot.r4:
-        n = model.config.intermediate_size
-        h4 = hadamard_matrix(n) if rot.r4_block is None else block_hadamard_matrix(n, rot.r4_block)
-        fuse_down_transform(model, adapter, h4)
+        fuse_down_transform(model, adapter, down_transform(model.config, rot))
     fake_quant.install(model, adapter, attention=fake_quant.AttentionSim(r3=rot.r3), r4=rot.r4,
                        r4_block=rot.r4_block)
