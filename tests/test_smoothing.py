@@ -140,5 +140,6 @@ def test_smooth_flag_sets_the_option_and_the_default_follows_the_measurements():
     assert _options(parse(["calibrate"])).smooth == "down"
     assert _options(parse(["calibrate", "--weight-quantizer", "rtn", "--method", "quarot"])).smooth == "down"
     assert _options(parse(["calibrate", "--method", "quarot"])).smooth == "none"  # QuaRot + GPTQ
+    assert _options(parse(["calibrate", "--a-bits", "8"])).smooth == "none"  # W4A8
     assert _options(parse(["calibrate", "--method", "quarot", "--smooth", "all"])).smooth == "all"
     assert CalibrationOptions(smooth="none").smooth == "none"

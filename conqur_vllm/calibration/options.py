@@ -79,8 +79,9 @@ class CalibrationOptions(BaseModel):
     smooth: Literal["none", "down", "all"] | None = Field(
         default=None, description="per-channel smoothing scales chosen per layer on calibration data and fused into "
                                   "the model: down: the down_proj input (before R4); all: also the q/k/v and gate/up "
-                                  "inputs (through the RMSNorm weights); None (measured default): down, except none "
-                                  "for QuaRot with GPTQ (worse there on every reported seed)")
+                                  "inputs (through the RMSNorm weights); None (measured default): down for 4-bit "
+                                  "activations, except none for QuaRot with GPTQ (worse there on every reported "
+                                  "seed); none for 8-bit activations (worse on the seed measured)")
     kv_clip: float = Field(default=0.95, gt=0.0, le=1.0)
     kv_shift: bool = Field(
         default=True, description="subtract each layer's calibration-mean key (after RoPE and R3) before the KV "
@@ -96,7 +97,7 @@ class CalibrationOptions(BaseModel):
     @model_validator(mode="after")
     def _resolve_forward(self) -> CalibrationOptions:
         """``conqur.quantized_forward=None`` becomes True for RTN weights and False for GPTQ, ``weight_symmetric=None``
-        False for 4-bit RTN weights only, ``smooth=None`` down except for QuaRot with GPTQ, ``conqur.center=None``
+        False for 4-bit RTN weights only, ``smooth=None`` down for 4-bit activations except for QuaRot with GPTQ, ``conqur.center=None``
         follows ``a_shift`` (measured defaults)."""
         if self.conqur.quantized_forward is None:
             forward = self.weight_quantizer == "rtn"
@@ -106,8 +107,9 @@ class CalibrationOptions(BaseModel):
         elif not self.weight_symmetric and self.w_bits != 4:
             raise ValueError(f"asymmetric weights need w_bits=4 (got {self.w_bits}): their centered codes must fit "
                              "int8; use weight_symmetric=True")
-        if self.smooth is None:  # measured: helps ConQuR with both quantizers and QuaRot with RTN
-            self.smooth = "none" if (self.method == "quarot" and self.weight_quantizer == "gptq") else "down"
+        if self.smooth is None:  # measured: helps 4-bit activations of ConQuR (both quantizers) and QuaRot RTN
+            worse = (self.method == "quarot" and self.weight_quantizer == "gptq") or self.a_bits != 4
+            self.smooth = "none" if worse else "down"
         if self.conqur.center is None:  # measured: with shifted inputs, centered corners win on every seed
             self.conqur = self.conqur.model_copy(update={"center": self.a_shift and self.a_bits < 16})
         return self
