@@ -1,7 +1,7 @@
 """From a Hugging Face folder to a rotated, weight-quantized, fake-quant-wrapped model (one direction).
 
-HF model -> adapter -> fold norms + initial rotations -> (ConQuR: learn R1/R2 online) -> weights (GPTQ/RTN)
--> embedding and LM head (weight-only RTN).
+HF model -> adapter -> fold norms + initial rotations -> (ConQuR: learn R1/R2 online) -> smoothing scales,
+activation and key shifts, activation clip -> weights (GPTQ/RTN) -> embedding and LM head (weight-only).
 The result is what the checkpoint stores and what the evaluation harness measures.
 """
 
