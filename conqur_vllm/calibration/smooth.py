@@ -42,15 +42,18 @@ class SmoothScales:
         return {"alpha": self.alphas, "error_ratio": {k: round(v, 4) for k, v in self.error_ratio.items()}}
 
 
-def _record_inputs(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor,
-                   paths: dict[str, str]) -> dict[tuple[int, str], torch.Tensor]:
-    """Inputs (before any online transform) of one linear per site and layer, full-precision forward."""
+def _record_inputs(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, paths: dict[str, str],
+                   max_rows: int) -> dict[tuple[int, str], torch.Tensor]:
+    """Inputs (before any online transform) of one linear per site and layer, full-precision forward; at most
+    ``max_rows`` evenly spaced tokens are kept."""
     rows: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     for li, layer in enumerate(adapter.decoder_layers(model)):
         for site, path in paths.items():
             def hook(_module, args, li=li, site=site):
-                rows[(li, site)] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                keep = torch.linspace(0, x.shape[0] - 1, min(max_rows, x.shape[0]), device=x.device).long()
+                rows[(li, site)] = x[keep].float()
             handles.append(layer.get_submodule(path).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -80,10 +83,8 @@ def _output_error(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, s: t
     return best
 
 
-def _scale(x: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+def _scale(a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
     """``a^alpha / w^(1 - alpha)`` per input channel (float64), geometric mean 1, ``1/s`` exact in bf16."""
-    a = (x - x.mean(0)).abs().amax(0).double().clamp_min(1e-8)
-    w = weight.abs().amax(0).double().clamp_min(1e-8)
     s = a.pow(alpha) / w.pow(1.0 - alpha)
     s = s / s.log().mean().exp()
     return 1.0 / (1.0 / s).to(torch.bfloat16).double()  # 1/s is what the bf16 norm weight stores exactly
@@ -95,20 +96,20 @@ def smooth_model(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, *, 
                  alphas: tuple[float, ...] = SMOOTH_ALPHAS, max_rows: int = 1024) -> SmoothScales:
     """Choose and fuse the scales on the rotated ``model`` (activation quantizers off); function unchanged.
 
-    ``h4``: the R4 matrix fused into down_proj (None without R4), ``r4_block`` its block size (None: whole)."""
+    ``h4``: the R4 matrix (float64) fused into down_proj (None without R4), ``r4_block`` its block size (None:
+    whole)."""
     paths = {"qkv": adapter.q_proj, "gate_up": adapter.gate_proj, "down": adapter.down_proj}
     paths = {k: v for k, v in paths.items() if k in sites}
-    rows = _record_inputs(model, adapter, ids, paths)
+    rows = _record_inputs(model, adapter, ids, paths, max_rows)
     out = SmoothScales()
     for li, layer in enumerate(adapter.decoder_layers(model)):
         lin = fake_quant.quant_linears(layer, adapter)
         for site in paths:
             x = rows[(li, site)]
-            x = x[torch.linspace(0, x.shape[0] - 1, min(max_rows, x.shape[0])).long()]
             online = site == "down" and h4 is not None
             if site == "down":
                 weight = lin[adapter.down_proj].weight.detach().double()
-                weight = (weight if h4 is None else weight @ h4.double().T).float()  # before R4
+                weight = (weight if h4 is None else weight @ h4.T).float()  # before R4
             else:
                 readers = adapter.attn_readers if site == "qkv" else adapter.mlp_readers
                 weight = torch.cat([lin[p].weight.detach().float() for p in readers])
@@ -116,9 +117,11 @@ def smooth_model(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, *, 
             ref = x @ weight.T
             base = _output_error(x, weight, ref, torch.ones(x.shape[-1], dtype=torch.float64), act_bits, act_symmetric,
                                  w_spec, site_shift, online, r4_block)
+            a = (x - x.mean(0)).abs().amax(0).double().clamp_min(1e-8)  # the scale's ranges, once per site
+            w = weight.abs().amax(0).double().clamp_min(1e-8)
             best, best_err, best_s = None, base, None
             for alpha in alphas:
-                s = _scale(x, weight, alpha)
+                s = _scale(a, w, alpha)
                 err = _output_error(x, weight, ref, s, act_bits, act_symmetric, w_spec, site_shift, online,
                                     r4_block)
                 if err < best_err:
