@@ -40,9 +40,13 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-shift", action=argparse.BooleanOptionalAction, default=True,
                    help="subtract each layer's calibration-mean key before the KV quantizer (exact for attention; "
                         "default on)")
-    p.add_argument("--smooth", choices=["none", "down", "all"], default=None,
+    p.add_argument("--smooth", choices=["none", "down", "writers", "all"], default=None,
                    help="per-channel smoothing scales fused into the model, chosen per layer on calibration data: "
-                        "down: at the down_proj input; all: also q/k/v and gate/up (default: the calibrator's)")
+                        "down: at the down_proj input; writers: also the o_proj input; all: also q/k/v and gate/up "
+                        "(default: the calibrator's)")
+    p.add_argument("--layer-clips", action=argparse.BooleanOptionalAction, default=None,
+                   help="also choose an activation clip ratio per layer and input group (default: on with an "
+                        "automatic --a-clip)")
     p.add_argument("--a-symmetric", action=argparse.BooleanOptionalAction, default=False,
                    help="symmetric per-token activation codes (default off: a zero point per token)")
     p.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default="gptq")
@@ -115,7 +119,8 @@ def _build_options(args):
     given = {name: value for name, value in (("a_clip", args.a_clip), ("kv_clip", args.kv_clip),
                                              ("gptq_inputs", args.gptq_inputs),
                                              ("weight_symmetric", args.weight_symmetric),
-                                             ("smooth", args.smooth)) if value is not None}
+                                             ("smooth", args.smooth), ("layer_clips", args.layer_clips))
+             if value is not None}
     return CalibrationOptions(**given,
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, a_shift=args.a_shift,
         a_symmetric=args.a_symmetric, kv_shift=args.kv_shift,

@@ -7,6 +7,7 @@ through the same class. Unknown fields or an unknown version are rejected with a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +50,8 @@ class WeightQuantArgs(_Strict):
 
 
 ShiftGroup = Literal["qkv", "o_proj", "gate_up", "down_proj"]
+_GROUPS = frozenset(("qkv", "o_proj", "gate_up", "down_proj"))
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Linear names (Hugging Face and vLLM's merged ones) -> the input group they read.
 LINEAR_INPUT_GROUP: dict[str, str] = {
     "q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o_proj",
@@ -65,9 +68,24 @@ class ActivationQuantArgs(_Strict):
     granularity: Literal["token"] = "token"
     dynamic: Literal[True] = True
     clip_ratio: float = Field(default=0.9, gt=0.0, le=1.0)
+    input_clip_ratios: dict[str, float] = Field(
+        default_factory=dict, description="per decoder layer and input group, ``\"{layer}.{group}\"`` (group as in "
+                                          "shifted_inputs) -> the clip ratio of that input; clip_ratio elsewhere")
     shifted_inputs: tuple[ShiftGroup, ...] = Field(
         default=(), description="input groups whose linears store a float32 ``input_shift`` mu: the quantizer reads "
                                 "x - mu and the GEMM output gets W mu added (qkv, o_proj, gate_up, down_proj)")
+
+
+    @model_validator(mode="after")
+    def _check_input_clips(self) -> ActivationQuantArgs:
+        for key, ratio in self.input_clip_ratios.items():
+            layer, _, group = key.partition(".")
+            if not layer.isdigit() or group not in _GROUPS:
+                raise ValueError(f"input_clip_ratios key {key!r} is not '<layer>.<group>' with group one "
+                                 f"of {sorted(_GROUPS)}; rewrite the checkpoint with `conqur calibrate`")
+            if not 0.0 < ratio <= 1.0:
+                raise ValueError(f"input_clip_ratios[{key!r}] is {ratio}, not in (0, 1]")
+        return self
 
 
 class KVCacheQuantArgs(_Strict):
@@ -183,6 +201,14 @@ class ConqurQuantConfig(_Strict):
         """Whether the linear at ``prefix`` (e.g. ``model.layers.0.self_attn.qkv_proj``) stores an input_shift."""
         group = LINEAR_INPUT_GROUP.get(prefix.rsplit(".", 1)[-1])
         return self.activations.num_bits < 16 and group in self.activations.shifted_inputs
+
+    def clip_ratio_for(self, prefix: str) -> float:
+        """The activation clip ratio of the linear at ``prefix`` (e.g. ``model.layers.3.mlp.gate_up_proj``)."""
+        match = _LAYER_INDEX.search(prefix)
+        group = LINEAR_INPUT_GROUP.get(prefix.rsplit(".", 1)[-1])
+        if match is None or group is None:
+            return self.activations.clip_ratio
+        return self.activations.input_clip_ratios.get(f"{match.group(1)}.{group}", self.activations.clip_ratio)
 
     def transform(self, site: str) -> OnlineTransform | None:
         """The online transform at ``site``, or None."""

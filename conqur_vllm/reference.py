@@ -82,6 +82,9 @@ def load_reference_model(ckpt_dir: str | Path, dtype: torch.dtype = torch.float3
                        attention=fake_quant.AttentionSim(r3=r3 is not None, kv=kv),
                        r4=r4 is not None, r4_block=None if r4 is None else r4.block)
     for name, module in model.named_modules():
+        if isinstance(module, fake_quant.QuantLinear) and a_bits is not None:
+            module.act = fake_quant.ActQuant(bits=a_bits, clip_ratio=qcfg.clip_ratio_for(name),
+                                             symmetric=qcfg.activations.symmetric)
         if isinstance(module, fake_quant.QuantLinear) and qcfg.has_input_shift(name):
             if f"{name}.input_shift" not in tensors:
                 raise ValueError(f"{ckpt_dir}: config.json shifts the input of {name} but the checkpoint has no "

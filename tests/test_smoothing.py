@@ -44,22 +44,28 @@ def test_fused_scales_keep_the_function_at_every_site():
     ids = _ids()
     with torch.no_grad():
         before = model(ids).logits
+    unscaled_v = adapter.decoder_layers(model)[0].get_submodule(adapter.v_proj).weight.detach().clone()
     g = torch.Generator().manual_seed(1)
+    cfg = model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query attention: o scales are per KV channel
+    kv_channels = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     for layer in adapter.decoder_layers(model):
-        for site, n in (("qkv", model.config.hidden_size), ("gate_up", model.config.hidden_size),
-                        ("down", model.config.intermediate_size)):
+        for site, n in (("qkv", cfg.hidden_size), ("gate_up", cfg.hidden_size), ("o", kv_channels),
+                        ("down", cfg.intermediate_size)):
             fuse_smoothing(layer, adapter, site, torch.exp(0.7 * torch.randn(n, generator=g, dtype=torch.float64)),
                            h4)
     layer = adapter.decoder_layers(model)[0]
     assert _rel(layer.get_submodule(adapter.attn_norm).weight, torch.ones(model.config.hidden_size)) > 0.3
+    assert _rel(layer.get_submodule(adapter.v_proj).weight, unscaled_v) > 0.3
     with torch.no_grad():
         after = model(ids).logits
     assert before.abs().mean() > 0 and _rel(after, before) < 1e-10
 
 
-def _down_quantized_error(model, adapter, ids, reference, w_spec: QuantSpec) -> float:
-    """Logit error with only the down_proj linears quantized (4-bit activations after R4, RTN weights)."""
-    downs = [layer.get_submodule(adapter.down_proj) for layer in adapter.decoder_layers(model)]
+def _site_quantized_error(model, adapter, ids, reference, w_spec: QuantSpec, path: str) -> float:
+    """Logit error with only the ``path`` linears quantized (4-bit activations, after R4 at down_proj; RTN
+    weights)."""
+    downs = [layer.get_submodule(path) for layer in adapter.decoder_layers(model)]
     for down in downs:
         down.act = fake_quant.ActQuant(bits=4, clip_ratio=0.8, symmetric=False)
         down.weight_quant = w_spec
@@ -84,7 +90,7 @@ def test_chosen_scales_cut_the_quantized_error_where_weight_columns_are_uneven()
     with torch.no_grad():
         reference = model(held_out).logits
     w_spec = QuantSpec(bits=4, symmetric=True)
-    error_before = _down_quantized_error(model, adapter, held_out, reference, w_spec)
+    error_before = _site_quantized_error(model, adapter, held_out, reference, w_spec, adapter.down_proj)
     chosen = smooth_model(model, adapter, ids, act_bits=4, act_symmetric=False, w_spec=w_spec, h4=h4,
                           sites=("down",))
     assert set(chosen.alphas) == {"0.down", "1.down"}
@@ -92,7 +98,34 @@ def test_chosen_scales_cut_the_quantized_error_where_weight_columns_are_uneven()
     assert all(0 < r < 0.9 for r in chosen.error_ratio.values())
     with torch.no_grad():
         assert _rel(model(held_out).logits, reference) < 1e-10  # the function is unchanged
-    after = _down_quantized_error(model, adapter, held_out, reference, w_spec)
+    after = _site_quantized_error(model, adapter, held_out, reference, w_spec, adapter.down_proj)
+    assert after < 0.8 * error_before
+
+
+def test_o_proj_scales_cut_the_quantized_error_where_value_channels_are_uneven():
+    model, adapter, h4 = _rotated_tiny()
+    cfg = model.config
+    head_dim, groups = cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    g = torch.Generator().manual_seed(3)
+    for layer in adapter.decoder_layers(model):  # a few loud value channels (as after R2 in trained models)
+        v, o = layer.get_submodule(adapter.v_proj).linear, layer.get_submodule(adapter.o_proj).linear
+        loud = torch.ones(v.weight.shape[0], dtype=torch.float64)
+        loud[torch.randperm(loud.numel(), generator=g)[:4]] = 10.0
+        per_query = loud.view(-1, 1, head_dim).expand(-1, groups, head_dim).reshape(-1)
+        with torch.no_grad():
+            v.weight.mul_(loud[:, None])
+            o.weight.div_(per_query)
+    ids, held_out = _ids(0, 4), _ids(1, 4)
+    with torch.no_grad():
+        reference = model(held_out).logits
+    w_spec = QuantSpec(bits=4, symmetric=True)
+    error_before = _site_quantized_error(model, adapter, held_out, reference, w_spec, adapter.o_proj)
+    chosen = smooth_model(model, adapter, ids, act_bits=4, act_symmetric=False, w_spec=w_spec, h4=h4, sites=("o",))
+    assert set(chosen.alphas) == {"0.o", "1.o"}
+    assert all(a is not None for a in chosen.alphas.values())
+    with torch.no_grad():
+        assert _rel(model(held_out).logits, reference) < 1e-10  # the function is unchanged
+    after = _site_quantized_error(model, adapter, held_out, reference, w_spec, adapter.o_proj)
     assert after < 0.8 * error_before
 
 
@@ -100,12 +133,12 @@ def test_checkpoint_carries_the_smoothed_norms_and_weights(tiny_llama_dir, text_
     opts = CalibrationOptions(calib_text=str(text_file), weight_quantizer="rtn", smooth="all", **FAST)
     model, tok = pipeline.load_model(tiny_llama_dir)
     result = pipeline.calibrate_model(model, tok, opts, text_file.read_text(), progress=False)
-    assert set(result.smoothing.alphas) == {f"{li}.{s}" for li in range(2) for s in ("qkv", "gate_up", "down")}
+    assert set(result.smoothing.alphas) == {f"{li}.{s}" for li in range(2) for s in ("qkv", "gate_up", "o", "down")}
     out = export_checkpoint(result, opts, tmp_path / "ckpt", source_dir=tiny_llama_dir, report={})
     tensors = read_checkpoint_tensors(out)
     for key, alpha in result.smoothing.alphas.items():
         li, site = key.split(".")
-        if site == "down":
+        if site in ("o", "down"):
             continue
         norm = tensors[f"model.layers.{li}.{'input_layernorm' if site == 'qkv' else 'post_attention_layernorm'}.weight"]
         assert torch.equal(norm.float(), model.get_submodule(

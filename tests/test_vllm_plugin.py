@@ -337,6 +337,26 @@ LINEAR_CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["reference", "int4"])
+def test_linear_method_reads_its_layer_clip_ratio(vllm_tp1: None, backend: str) -> None:
+    from conqur_vllm.vllm_plugin.linear_method import ConqurLinearMethod
+
+    config = _plugin_config(activations={"num_bits": 4, "clip_ratio": 0.9, "input_clip_ratios": {"2.gate_up": 0.7}})
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 128, generator=g) / math.sqrt(128)
+    x = torch.randn(24, 128, generator=g)
+    x[3, 9] = 30.0
+    outs = {}
+    for prefix, clip in (("model.layers.2.mlp.gate_up_proj", 0.7), ("model.layers.3.mlp.gate_up_proj", 0.9)):
+        method = ConqurLinearMethod(config, prefix, backend=backend)
+        assert method.clip_ratio == clip
+        layer, w_deq = _build_layer(method, w, None, None)
+        outs[clip] = method.apply(layer, x, None).double()
+        ref = fake_quantize(x, activation_spec(4, clip)).double() @ w_deq.t()
+        assert rel_err(ref, outs[clip]) < 1e-5
+    assert rel_err(outs[0.7], outs[0.9]) > 1e-3  # the ratio changes what the layer computes
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
 def test_linear_method_matches_float64(vllm_tp1: None, case: str, backend: str) -> None:

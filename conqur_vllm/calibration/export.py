@@ -41,6 +41,7 @@ def quant_config_for(result: CalibrationResult, opts: CalibrationOptions, source
                                 group_size=opts.group_size, quantizer=opts.weight_quantizer,
                                 clip_search=opts.clip_search),
         activations=ActivationQuantArgs(num_bits=opts.a_bits, clip_ratio=opts.a_clip, symmetric=opts.a_symmetric,
+                                        input_clip_ratios=result.input_clips.clips if result.input_clips else {},
                                         shifted_inputs=result.input_shifts.groups if result.input_shifts else ()),
         kv_cache=KVCacheQuantArgs(num_bits=opts.kv_bits, clip_ratio=opts.kv_clip,
                                   key_shift=bool(result.key_shifts and result.key_shifts.shifts)),

@@ -70,16 +70,21 @@ class CalibrationOptions(BaseModel):
     a_clip: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] = Field(
         default="auto", description="activation clip ratio; auto (measured default): the grid ratio with the "
                                     "least quantization error on calibration data")
+    layer_clips: bool | None = Field(
+        default=None, description="also choose one activation clip ratio per layer and input group, by the relative "
+                                  "output error of the group's linears on calibration tokens (a_clip stays the "
+                                  "fallback); None (measured default): on when a_clip is auto")
     a_shift: bool = Field(
         default=True, description="quantize the q/k/v, o_proj and gate/up inputs around their calibration mean "
                                   "(served as a shift before the quantizer and a bias after the GEMM)")
     a_symmetric: bool = Field(
         default=False, description="symmetric per-token activation codes; False (measured default): a zero point "
                                    "per token, the GEMM subtracting scale * zero * (row sums of W)")
-    smooth: Literal["none", "down", "all"] | None = Field(
+    smooth: Literal["none", "down", "writers", "all"] | None = Field(
         default=None, description="per-channel smoothing scales chosen per layer on calibration data and fused into "
-                                  "the model: down: the down_proj input (before R4); all: also the q/k/v and gate/up "
-                                  "inputs (through the RMSNorm weights); None (measured default): down for 4-bit "
+                                  "the model: down: the down_proj input (before R4); writers: also the o_proj input "
+                                  "(through v_proj's rows); all: also the q/k/v and gate/up inputs (through the "
+                                  "RMSNorm weights); None (measured default): down for 4-bit "
                                   "activations, except none for QuaRot with GPTQ (worse there on every reported "
                                   "seed); none for 8-bit activations (worse on the seed measured)")
     kv_clip: float = Field(default=0.95, gt=0.0, le=1.0)
@@ -97,7 +102,8 @@ class CalibrationOptions(BaseModel):
     @model_validator(mode="after")
     def _resolve_forward(self) -> CalibrationOptions:
         """``conqur.quantized_forward=None`` becomes True for RTN weights and False for GPTQ, ``weight_symmetric=None``
-        False for 4-bit RTN weights only, ``smooth=None`` down for 4-bit activations except for QuaRot with GPTQ, ``conqur.center=None``
+        False for 4-bit RTN weights only, ``smooth=None`` down for 4-bit activations except for QuaRot with GPTQ, ``layer_clips=None`` on with an
+        automatic ``a_clip``, ``conqur.center=None``
         follows ``a_shift`` (measured defaults)."""
         if self.conqur.quantized_forward is None:
             forward = self.weight_quantizer == "rtn"
@@ -110,6 +116,8 @@ class CalibrationOptions(BaseModel):
         if self.smooth is None:  # measured: helps 4-bit activations of ConQuR (both quantizers) and QuaRot RTN
             worse = (self.method == "quarot" and self.weight_quantizer == "gptq") or self.a_bits != 4
             self.smooth = "none" if worse else "down"
+        if self.layer_clips is None:  # measured: per-input ratios beat the model-wide one
+            self.layer_clips = self.a_clip == "auto"
         if self.conqur.center is None:  # measured: with shifted inputs, centered corners win on every seed
             self.conqur = self.conqur.model_copy(update={"center": self.a_shift and self.a_bits < 16})
         return self

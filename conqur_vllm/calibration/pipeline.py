@@ -1,7 +1,7 @@
 """From a Hugging Face folder to a rotated, weight-quantized, fake-quant-wrapped model (one direction).
 
 HF model -> adapter -> fold norms + initial rotations -> (ConQuR: learn R1/R2 online) -> smoothing scales,
-activation and key shifts, activation clip -> weights (GPTQ/RTN) -> embedding and LM head (weight-only).
+activation and key shifts, activation clips -> weights (GPTQ/RTN) -> embedding and LM head (weight-only).
 The result is what the checkpoint stores and what the evaluation harness measures.
 """
 
@@ -17,13 +17,19 @@ import torch
 from torch import nn
 
 from conqur_vllm import fake_quant
-from conqur_vllm.calibration.act_clip import ClipChoice, choose_activation_clip
+from conqur_vllm.calibration.act_clip import (
+    ClipChoice,
+    InputClips,
+    choose_activation_clip,
+    choose_input_clips,
+    install_input_clips,
+)
 from conqur_vllm.calibration.act_shift import InputShifts, install_input_shifts, measure_input_shifts
 from conqur_vllm.calibration.kv_shift import KeyShifts, install_key_shifts, measure_key_shifts
 from conqur_vllm.calibration.layerwise import quantize_weights
 from conqur_vllm.calibration.learn_rotations import LearnReport, learn_rotations
 from conqur_vllm.calibration.options import CalibrationOptions
-from conqur_vllm.calibration.smooth import SMOOTH_SITES, SmoothScales, smooth_model
+from conqur_vllm.calibration.smooth import SMOOTH_SITES_OF, SmoothScales, smooth_model
 from conqur_vllm.calibration.vocab import quantize_vocab
 from conqur_vllm.models.adapters import get_adapter
 from conqur_vllm.quant import QuantizedTensor, QuantSpec, activation_spec, kv_spec
@@ -55,6 +61,7 @@ class CalibrationResult:
     input_shifts: InputShifts | None = None
     key_shifts: KeyShifts | None = None
     smoothing: SmoothScales | None = None
+    input_clips: InputClips | None = None
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -125,7 +132,7 @@ def set_smoothing(model: nn.Module, opts: CalibrationOptions, batches: list[torc
     return smooth_model(model, get_adapter(model.config), batches[0][:SHIFT_SEQUENCES].to(opts.device),
                         act_bits=opts.a_bits, act_symmetric=opts.a_symmetric, w_spec=weight_spec(opts),
                         h4=down_transform(model.config, rot), r4_block=rot.r4_block,
-                        sites=("down",) if opts.smooth == "down" else SMOOTH_SITES)
+                        sites=SMOOTH_SITES_OF[opts.smooth])
 
 
 def set_input_shifts(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor]) -> InputShifts:
@@ -160,6 +167,19 @@ def resolve_activation_clip(model: nn.Module, opts: CalibrationOptions,
         return opts.model_copy(update={"a_clip": 1.0}), None
     choice = choose_activation_clip(model, batches[0].to(opts.device), opts.a_bits, symmetric=opts.a_symmetric)
     return opts.model_copy(update={"a_clip": choice.clip}), choice
+
+
+def set_input_clips(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor]) -> InputClips:
+    """Choose and install the per-layer, per-input-group clip ratios on the quantizer-wrapped ``model`` (the
+    sequences of the activation shifts), as ``layer_clips`` says (none for unquantized activations); ``opts``
+    with ``a_clip`` resolved."""
+    if not opts.layer_clips or opts.a_bits >= 16:
+        return InputClips({}, {})
+    adapter = get_adapter(model.config)
+    clips = choose_input_clips(model, adapter, batches[0][:SHIFT_SEQUENCES].to(opts.device), opts.a_bits,
+                               opts.a_symmetric, default=float(opts.a_clip))
+    install_input_clips(model, adapter, clips.clips)
+    return clips
 
 
 def set_learner_quantizers(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor],
@@ -217,7 +237,7 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
     adapter = get_adapter(model.config)
     times: dict[str, float] = {}
     needs_data = (opts.method == "conqur" or (opts.w_bits < 16 and opts.weight_quantizer == "gptq")
-                  or ((opts.a_clip == "auto" or opts.a_shift) and opts.a_bits < 16)
+                  or ((opts.a_clip == "auto" or opts.a_shift or opts.layer_clips) and opts.a_bits < 16)
                   or (opts.kv_shift and opts.kv_bits < 16) or (opts.smooth != "none" and opts.a_bits < 16))
     batches = (calibration_batches(tokenizer, calib_text, opts.samples, opts.seq_len, opts.conqur.batch_size,
                                    opts.seed) if needs_data else [])
@@ -238,6 +258,7 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
     key_shifts = set_key_shifts(model, opts, batches)
     opts, clip_choice = resolve_activation_clip(model, opts, batches)
     set_quantizers(model, opts, r3=rot.r3)
+    input_clips = set_input_clips(model, opts, batches)
     times["rotate"] = time.perf_counter() - t0
     qweights: dict[str, QuantizedTensor] = {}
     spec = weight_spec(opts)
@@ -257,4 +278,4 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
         qweights.update(quantize_vocab(model, adapter, opts, final_hidden=last_hidden))
         times["quantize_weights"] = time.perf_counter() - t0
     return CalibrationResult(model, tokenizer, rot, qweights, times, report, opts, clip_choice, shifts, key_shifts,
-                             smoothing)
+                             smoothing, input_clips)

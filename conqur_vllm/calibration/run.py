@@ -91,6 +91,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
         key_shifts = pipeline.set_key_shifts(model, opts, batches)
         used, clip_choice = pipeline.resolve_activation_clip(model, opts, batches)  # a_clip "auto" -> a ratio
         pipeline.set_quantizers(model, used, r3=rot.r3)
+        input_clips = pipeline.set_input_clips(model, used, batches)  # before any resumed layer, as shifts
 
         metrics.set_stage("quantize_weights")
         t0 = time.perf_counter()
@@ -120,7 +121,8 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
 
         metrics.set_stage("export")
         result = pipeline.CalibrationResult(model, tokenizer, rot, qweights, options=used, clip_choice=clip_choice,
-                                            input_shifts=shifts, key_shifts=key_shifts, smoothing=smoothing)
+                                            input_shifts=shifts, key_shifts=key_shifts, smoothing=smoothing,
+                                            input_clips=input_clips)
         sqnr = activation_sqnr(model, adapter, batches[0][:1])
         times["total"] = time.perf_counter() - t_start
         report = {
@@ -129,6 +131,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             "rotation_objective": learn_report,
             "activation_sqnr_db": sqnr,
             "activation_clip": clip_choice.to_dict() if clip_choice else {"chosen": used.a_clip},
+            "input_clips": input_clips.report(),
             "activation_shift": shifts.report(),
             "key_shift": key_shifts.report(),
             "smoothing": smoothing.report(),

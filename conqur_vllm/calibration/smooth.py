@@ -6,7 +6,10 @@ fused upstream:
 
 - q/k/v and gate/up inputs (after R1): the RMSNorm weight that feeds them (1 after norm folding) becomes ``1/s``;
 - the down_proj input (before R4): up_proj's output rows are divided by s (SwiGLU multiplies them into the
-  input channel-wise), down_proj's columns multiplied by s before the online Hadamard.
+  input channel-wise), down_proj's columns multiplied by s before the online Hadamard;
+- the o_proj input (after R2): v_proj's output rows are divided by s (attention mixes value vectors token-wise,
+  so each channel keeps its scale; the value cache stores the scaled vectors), o_proj's columns multiplied by
+  it. Query heads that share a KV head share its scales.
 
 Per site the scale is ``s_j = a_j^alpha / w_j^(1 - alpha)`` (SmoothQuant's form: a_j the largest |input| of
 channel j around its mean on calibration tokens, w_j the largest |weight| in column j over the site's readers),
@@ -27,7 +30,8 @@ from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import QuantSpec, activation_spec, dequantize, fake_quantize, quantize_weight_rtn
 
 SMOOTH_ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.35, 0.5)
-SMOOTH_SITES: tuple[str, ...] = ("qkv", "gate_up", "down")
+SMOOTH_SITES: tuple[str, ...] = ("qkv", "gate_up", "o", "down")
+SMOOTH_SITES_OF: dict[str, tuple[str, ...]] = {"down": ("down",), "writers": ("o", "down"), "all": SMOOTH_SITES}
 ACT_CLIPS: tuple[float, ...] = (0.75, 0.85)  # around the ratios a_clip=auto picks on SmolLM2
 
 
@@ -90,6 +94,22 @@ def _scale(a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
     return 1.0 / (1.0 / s).to(torch.bfloat16).double()  # 1/s is what the bf16 norm weight stores exactly
 
 
+def _o_layout(layer: nn.Module, adapter: ModelAdapter) -> tuple[int, int]:
+    """(head_dim, query heads per KV head) of a decoder layer's attention."""
+    v, o = layer.get_submodule(adapter.v_proj), layer.get_submodule(adapter.o_proj)
+    return layer.get_submodule(adapter.o_proj.rsplit(".", 1)[0]).head_dim, o.weight.shape[1] // v.weight.shape[0]
+
+
+def _kv_channel_max(v: torch.Tensor, head_dim: int, groups: int) -> torch.Tensor:
+    """Per o_proj input channel ``[heads * head_dim]`` -> max over each KV head's query heads ``[kv * head_dim]``."""
+    return v.view(-1, groups, head_dim).amax(1).reshape(-1)
+
+
+def _expand_kv_channels(s: torch.Tensor, head_dim: int, groups: int) -> torch.Tensor:
+    """Per KV channel ``[kv * head_dim]`` -> per o_proj input channel (query head h reads KV head h // groups)."""
+    return s.view(-1, 1, head_dim).expand(-1, groups, head_dim).reshape(-1)
+
+
 def smooth_model(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, *, act_bits: int,
                  act_symmetric: bool, w_spec: QuantSpec | None, h4: torch.Tensor | None,
                  r4_block: int | None = None, shift: bool = True, sites: tuple[str, ...] = SMOOTH_SITES,
@@ -98,7 +118,7 @@ def smooth_model(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, *, 
 
     ``h4``: the R4 matrix (float64) fused into down_proj (None without R4), ``r4_block`` its block size (None:
     whole)."""
-    paths = {"qkv": adapter.q_proj, "gate_up": adapter.gate_proj, "down": adapter.down_proj}
+    paths = {"qkv": adapter.q_proj, "gate_up": adapter.gate_proj, "o": adapter.o_proj, "down": adapter.down_proj}
     paths = {k: v for k, v in paths.items() if k in sites}
     rows = _record_inputs(model, adapter, ids, paths, max_rows)
     out = SmoothScales()
@@ -110,6 +130,8 @@ def smooth_model(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, *, 
             if site == "down":
                 weight = lin[adapter.down_proj].weight.detach().double()
                 weight = (weight if h4 is None else weight @ h4.T).float()  # before R4
+            elif site == "o":
+                weight = lin[adapter.o_proj].weight.detach().float()
             else:
                 readers = adapter.attn_readers if site == "qkv" else adapter.mlp_readers
                 weight = torch.cat([lin[p].weight.detach().float() for p in readers])
@@ -119,11 +141,14 @@ def smooth_model(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, *, 
                                  w_spec, site_shift, online, r4_block)
             a = (x - x.mean(0)).abs().amax(0).double().clamp_min(1e-8)  # the scale's ranges, once per site
             w = weight.abs().amax(0).double().clamp_min(1e-8)
+            if site == "o":  # one scale per KV head's channel: the largest over the query heads that read it
+                layout = _o_layout(layer, adapter)
+                a, w = _kv_channel_max(a, *layout), _kv_channel_max(w, *layout)
             best, best_err, best_s = None, base, None
             for alpha in alphas:
                 s = _scale(a, w, alpha)
-                err = _output_error(x, weight, ref, s, act_bits, act_symmetric, w_spec, site_shift, online,
-                                    r4_block)
+                err = _output_error(x, weight, ref, _expand_kv_channels(s, *layout) if site == "o" else s,
+                                    act_bits, act_symmetric, w_spec, site_shift, online, r4_block)
                 if err < best_err:
                     best, best_err, best_s = alpha, err, s
             key = f"{li}.{site}"
@@ -133,32 +158,38 @@ def smooth_model(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, *, 
     return out
 
 
+def _divide_rows(lin: nn.Module, s: torch.Tensor) -> None:
+    """Divide a linear's output rows (and bias) by ``s`` in float64."""
+    with torch.no_grad():
+        lin.weight.copy_((lin.weight.detach().double() / s[:, None]).to(lin.weight.dtype))
+        if lin.bias is not None:
+            lin.bias.copy_((lin.bias.detach().double() / s).to(lin.bias.dtype))
+
+
+def _scale_cols(lin: nn.Module, s: torch.Tensor, transform: torch.Tensor | None = None) -> None:
+    """Multiply a linear's input columns by ``s`` in float64 (in the basis before ``transform``, if given)."""
+    w = lin.weight.detach().double()
+    w = w * s if transform is None else ((w @ transform.T) * s) @ transform
+    with torch.no_grad():
+        lin.weight.copy_(w.to(lin.weight.dtype))
+
+
 def fuse_smoothing(layer: nn.Module, adapter: ModelAdapter, site: str, s: torch.Tensor,
                    h4: torch.Tensor | None) -> None:
     """Fuse scale ``s`` at ``site`` of one decoder layer in float64 (``h4``: the R4 already fused into down_proj,
-    or None)."""
+    or None). At ``o`` the scale is per KV-head channel (``[kv_heads * head_dim]``)."""
     s = s.double()
-    h4 = None if h4 is None else h4.double()
-    def scale_cols(path: str, transform=None) -> None:
-        lin = layer.get_submodule(path)
-        w = lin.weight.detach().double()
-        if transform is None:
-            w = w * s
-        else:
-            w = ((w @ transform.T) * s) @ transform
-        with torch.no_grad():
-            lin.weight.copy_(w.to(lin.weight.dtype))
-
     if site in ("qkv", "gate_up"):
         norm = layer.get_submodule(adapter.attn_norm if site == "qkv" else adapter.mlp_norm)
         with torch.no_grad():
             norm.weight.copy_((norm.weight.detach().double() / s).to(norm.weight.dtype))
         for path in adapter.attn_readers if site == "qkv" else adapter.mlp_readers:
-            scale_cols(path)
+            _scale_cols(layer.get_submodule(path), s)
+    elif site == "o":
+        v, o = layer.get_submodule(adapter.v_proj), layer.get_submodule(adapter.o_proj)
+        head_dim = layer.get_submodule(adapter.o_proj.rsplit(".", 1)[0]).head_dim
+        _divide_rows(v, s)
+        _scale_cols(o, _expand_kv_channels(s, head_dim, o.weight.shape[1] // v.weight.shape[0]))
     else:
-        up = layer.get_submodule(adapter.up_proj)
-        with torch.no_grad():
-            up.weight.copy_((up.weight.detach().double() / s[:, None]).to(up.weight.dtype))
-            if up.bias is not None:
-                up.bias.copy_((up.bias.detach().double() / s).to(up.bias.dtype))
-        scale_cols(adapter.down_proj, h4)
+        _divide_rows(layer.get_submodule(adapter.up_proj), s)
+        _scale_cols(layer.get_submodule(adapter.down_proj), s, None if h4 is None else h4.double())

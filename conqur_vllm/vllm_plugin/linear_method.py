@@ -95,7 +95,7 @@ class ConqurLinearMethod(LinearMethodBase):
         self.group_size = ckpt.weights.group_size
         self.weight_symmetric = ckpt.weights.symmetric
         self.act_bits = ckpt.activations.num_bits
-        self.clip_ratio = ckpt.activations.clip_ratio
+        self.clip_ratio = ckpt.clip_ratio_for(prefix)
         self.act_symmetric = ckpt.activations.symmetric
         # asymmetric codes too wide to center in int8: the zero point becomes a rank-1 term after the GEMM
         self.zero_point_term = not self.act_symmetric and self.act_bits > MAX_CENTERED_BITS
