@@ -14,7 +14,7 @@ from conqur_vllm.calibration import pipeline
 from conqur_vllm.calibration.act_clip import ACT_CLIP_GRID, choose_activation_clip
 from conqur_vllm.calibration.options import CalibrationOptions, ConqurOptions
 from conqur_vllm.calibration.run import calibrate
-from conqur_vllm.config import ConqurQuantConfig
+from conqur_vllm.config import LINEAR_INPUT_GROUP, ConqurQuantConfig
 from conqur_vllm.models.adapters import get_adapter
 from conqur_vllm.quant import activation_spec, quantize
 from conqur_vllm.rotation.rotations import apply_rotations
@@ -75,6 +75,16 @@ def test_auto_clip_goes_into_checkpoint_and_report(tiny_llama_dir, text_file, tm
     model, tokenizer = pipeline.load_model(tiny_llama_dir)
     result = pipeline.calibrate_model(model, tokenizer, opts, text_file.read_text(), progress=False)
     assert result.options.a_clip == chosen and result.clip_choice.clip == chosen
+    # with per-layer ratios (the default) each linear runs its group's ratio; without them, the model-wide one
+    adapter = get_adapter(model.config)
+    for li, layer in enumerate(adapter.decoder_layers(model)):
+        for path in adapter.linears:
+            key = f"{li}.{LINEAR_INPUT_GROUP[path.rsplit('.', 1)[-1]]}"
+            assert layer.get_submodule(path).act.clip_ratio == result.input_clips.clips[key]
+    model, tokenizer = pipeline.load_model(tiny_llama_dir)
+    one = pipeline.calibrate_model(model, tokenizer, opts.model_copy(update={"layer_clips": False}),
+                                   text_file.read_text(), progress=False)
+    assert one.input_clips.clips == {}
     acts = {m.act.clip_ratio for m in model.modules() if isinstance(m, fake_quant.QuantLinear)}
     assert acts == {chosen}
 

@@ -394,3 +394,16 @@ def test_metrics_port_serves_live_progress(tiny_llama_dir, text_file, tmp_path, 
     assert float(last["conqur_calibration_elapsed_seconds"]) > 0
     with pytest.raises(OSError):
         _scrape(port)
+
+
+def test_recipes_are_valid_options_and_match_the_defaults():
+    import pathlib
+
+    import yaml
+
+    recipes = sorted((pathlib.Path(__file__).parents[1] / "calibrate").glob("*.yaml"))
+    assert len(recipes) >= 2
+    defaults = CalibrationOptions()
+    for path in recipes:
+        opts = CalibrationOptions(**yaml.safe_load(path.read_text()))
+        assert opts == defaults, f"{path.name} differs from the calibrator's defaults"
