@@ -46,7 +46,7 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
                         "(default: the calibrator's)")
     p.add_argument("--layer-clips", action=argparse.BooleanOptionalAction, default=None,
                    help="also choose an activation clip ratio per layer and input group (default: on with an "
-                        "automatic --a-clip)")
+                        "automatic --a-clip, except for --method quarot with GPTQ)")
     p.add_argument("--a-symmetric", action=argparse.BooleanOptionalAction, default=False,
                    help="symmetric per-token activation codes (default off: a zero point per token)")
     p.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default="gptq")

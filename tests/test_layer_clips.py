@@ -111,6 +111,9 @@ def test_off_when_the_ratio_is_fixed_or_asked(tiny_llama_dir, text_file, tmp_pat
     assert _options(parse(["calibrate", "--a-clip", "0.8"])).layer_clips is False
     assert _options(parse(["calibrate", "--no-layer-clips"])).layer_clips is False
     assert _options(parse(["calibrate", "--a-clip", "0.8", "--layer-clips"])).layer_clips is True
+    assert _options(parse(["calibrate", "--method", "quarot"])).layer_clips is False  # QuaRot + GPTQ: measured worse
+    assert _options(parse(["calibrate", "--method", "quarot", "--weight-quantizer", "rtn"])).layer_clips is True
+    assert _options(parse(["calibrate", "--method", "quarot", "--layer-clips"])).layer_clips is True
     out = calibrate(tiny_llama_dir, tmp_path / "off", CalibrationOptions(
         calib_text=str(text_file), weight_quantizer="rtn", layer_clips=False, **FAST), progress=False)
     assert ConqurQuantConfig.from_model_dir(out).activations.input_clip_ratios == {}

@@ -73,7 +73,8 @@ class CalibrationOptions(BaseModel):
     layer_clips: bool | None = Field(
         default=None, description="also choose one activation clip ratio per layer and input group, by the relative "
                                   "output error of the group's linears on calibration tokens (a_clip stays the "
-                                  "fallback); None (measured default): on when a_clip is auto")
+                                  "fallback); None (measured default): on when a_clip is auto, except for QuaRot "
+                                  "with GPTQ (worse there on both texts)")
     a_shift: bool = Field(
         default=True, description="quantize the q/k/v, o_proj and gate/up inputs around their calibration mean "
                                   "(served as a shift before the quantizer and a bias after the GEMM)")
@@ -103,7 +104,7 @@ class CalibrationOptions(BaseModel):
     def _resolve_forward(self) -> CalibrationOptions:
         """``conqur.quantized_forward=None`` becomes True for RTN weights and False for GPTQ, ``weight_symmetric=None``
         False for 4-bit RTN weights only, ``smooth=None`` down for 4-bit activations except for QuaRot with GPTQ, ``layer_clips=None`` on with an
-        automatic ``a_clip``, ``conqur.center=None``
+        automatic ``a_clip`` except for QuaRot with GPTQ, ``conqur.center=None``
         follows ``a_shift`` (measured defaults)."""
         if self.conqur.quantized_forward is None:
             forward = self.weight_quantizer == "rtn"
@@ -116,8 +117,8 @@ class CalibrationOptions(BaseModel):
         if self.smooth is None:  # measured: helps 4-bit activations of ConQuR (both quantizers) and QuaRot RTN
             worse = (self.method == "quarot" and self.weight_quantizer == "gptq") or self.a_bits != 4
             self.smooth = "none" if worse else "down"
-        if self.layer_clips is None:  # measured: per-input ratios beat the model-wide one
-            self.layer_clips = self.a_clip == "auto"
+        if self.layer_clips is None:  # measured: per-input ratios beat the model-wide one, except for QuaRot + GPTQ
+            self.layer_clips = self.a_clip == "auto" and not (self.method == "quarot" and self.weight_quantizer == "gptq")
         if self.conqur.center is None:  # measured: with shifted inputs, centered corners win on every seed
             self.conqur = self.conqur.model_copy(update={"center": self.a_shift and self.a_bits < 16})
         return self
