@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -50,7 +50,7 @@ class WeightQuantArgs(_Strict):
 
 
 ShiftGroup = Literal["qkv", "o_proj", "gate_up", "down_proj"]
-_GROUPS = frozenset(("qkv", "o_proj", "gate_up", "down_proj"))
+_GROUPS = frozenset(get_args(ShiftGroup))
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Linear names (Hugging Face and vLLM's merged ones) -> the input group they read.
 LINEAR_INPUT_GROUP: dict[str, str] = {
@@ -74,7 +74,6 @@ class ActivationQuantArgs(_Strict):
     shifted_inputs: tuple[ShiftGroup, ...] = Field(
         default=(), description="input groups whose linears store a float32 ``input_shift`` mu: the quantizer reads "
                                 "x - mu and the GEMM output gets W mu added (qkv, o_proj, gate_up, down_proj)")
-
 
     @model_validator(mode="after")
     def _check_input_clips(self) -> ActivationQuantArgs:

@@ -65,16 +65,16 @@ def test_fused_scales_keep_the_function_at_every_site():
 def _site_quantized_error(model, adapter, ids, reference, w_spec: QuantSpec, path: str) -> float:
     """Logit error with only the ``path`` linears quantized (4-bit activations, after R4 at down_proj; RTN
     weights)."""
-    downs = [layer.get_submodule(path) for layer in adapter.decoder_layers(model)]
-    for down in downs:
-        down.act = fake_quant.ActQuant(bits=4, clip_ratio=0.8, symmetric=False)
-        down.weight_quant = w_spec
+    linears = [layer.get_submodule(path) for layer in adapter.decoder_layers(model)]
+    for lin in linears:
+        lin.act = fake_quant.ActQuant(bits=4, clip_ratio=0.8, symmetric=False)
+        lin.weight_quant = w_spec
     try:
         with torch.no_grad():
             return _rel(model(ids).logits, reference)
     finally:
-        for down in downs:
-            down.act, down.weight_quant = fake_quant.ActQuant(bits=None), None
+        for lin in linears:
+            lin.act, lin.weight_quant = fake_quant.ActQuant(bits=None), None
 
 
 def test_chosen_scales_cut_the_quantized_error_where_weight_columns_are_uneven():

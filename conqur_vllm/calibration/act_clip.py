@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from conqur_vllm import fake_quant
+from conqur_vllm.calibration.smooth import evenly_spaced_rows
 from conqur_vllm.config import LINEAR_INPUT_GROUP
 from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import activation_spec, fake_quantize
@@ -104,9 +105,7 @@ class _InputRecorder:
         self.max_rows, self.rows = max_rows, None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.detach().reshape(-1, x.shape[-1])
-        keep = torch.linspace(0, rows.shape[0] - 1, min(self.max_rows, rows.shape[0]), device=x.device).long()
-        self.rows = rows[keep].float()
+        self.rows = evenly_spaced_rows(x, self.max_rows)
         return x
 
 

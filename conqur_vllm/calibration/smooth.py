@@ -46,6 +46,13 @@ class SmoothScales:
         return {"alpha": self.alphas, "error_ratio": {k: round(v, 4) for k, v in self.error_ratio.items()}}
 
 
+def evenly_spaced_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """At most ``max_rows`` evenly spaced rows of ``x`` flattened to ``[tokens, features]``, detached, float32."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    keep = torch.linspace(0, rows.shape[0] - 1, min(max_rows, rows.shape[0]), device=x.device).long()
+    return rows[keep].float()
+
+
 def _record_inputs(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, paths: dict[str, str],
                    max_rows: int) -> dict[tuple[int, str], torch.Tensor]:
     """Inputs (before any online transform) of one linear per site and layer, full-precision forward; at most
@@ -55,9 +62,7 @@ def _record_inputs(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, p
     for li, layer in enumerate(adapter.decoder_layers(model)):
         for site, path in paths.items():
             def hook(_module, args, li=li, site=site):
-                x = args[0].detach().reshape(-1, args[0].shape[-1])
-                keep = torch.linspace(0, x.shape[0] - 1, min(max_rows, x.shape[0]), device=x.device).long()
-                rows[(li, site)] = x[keep].float()
+                rows[(li, site)] = evenly_spaced_rows(args[0], max_rows)
             handles.append(layer.get_submodule(path).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -186,10 +191,8 @@ def fuse_smoothing(layer: nn.Module, adapter: ModelAdapter, site: str, s: torch.
         for path in adapter.attn_readers if site == "qkv" else adapter.mlp_readers:
             _scale_cols(layer.get_submodule(path), s)
     elif site == "o":
-        v, o = layer.get_submodule(adapter.v_proj), layer.get_submodule(adapter.o_proj)
-        head_dim = layer.get_submodule(adapter.o_proj.rsplit(".", 1)[0]).head_dim
-        _divide_rows(v, s)
-        _scale_cols(o, _expand_kv_channels(s, head_dim, o.weight.shape[1] // v.weight.shape[0]))
+        _divide_rows(layer.get_submodule(adapter.v_proj), s)
+        _scale_cols(layer.get_submodule(adapter.o_proj), _expand_kv_channels(s, *_o_layout(layer, adapter)))
     else:
         _divide_rows(layer.get_submodule(adapter.up_proj), s)
         _scale_cols(layer.get_submodule(adapter.down_proj), s, None if h4 is None else h4.double())
