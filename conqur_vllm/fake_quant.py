@@ -9,8 +9,9 @@ with its dequantized values. Every part is switchable on its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +164,66 @@ def set_activation_quant(model: nn.Module, act: ActQuant) -> None:
 def set_attention(model: nn.Module, adapter: ModelAdapter, attention: AttentionSim) -> None:
     for layer in adapter.decoder_layers(model):
         layer.get_submodule(adapter.attention).conqur_attention = attention
+
+
+_ATTENTION_STATE = ("conqur_attention", "conqur_key_shift", "conqur_key_observer")
+
+
+@dataclass
+class SavedQuantizers:
+    """Every wrapped linear's activation quantizer and input shift and, when an adapter is given, every decoder
+    layer's attention simulation, key shift and key observer, as they were when saved.
+
+    Calibration stages swap these for probes or switch quantization off; :meth:`restore` (or
+    :func:`quantizers_restored`) puts them all back."""
+
+    acts: dict[QuantLinear, Callable[[torch.Tensor], torch.Tensor]]
+    shifts: dict[QuantLinear, torch.Tensor | None]
+    attention: list[nn.Module] = field(default_factory=list)
+    attention_state: list[tuple] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: nn.Module, adapter: ModelAdapter | None = None) -> SavedQuantizers:
+        linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        attention = [] if adapter is None else [layer.get_submodule(adapter.attention)
+                                                for layer in adapter.decoder_layers(model)]
+        return cls(acts={m: m.act for m in linears}, shifts={m: m.input_shift for m in linears},
+                   attention=attention,
+                   attention_state=[tuple(getattr(a, k, None) for k in _ATTENTION_STATE) for a in attention])
+
+    @property
+    def simulations(self) -> list[AttentionSim | None]:
+        """The saved attention simulations, one per decoder layer."""
+        return [state[0] for state in self.attention_state]
+
+    def use(self, acts: Mapping[QuantLinear, Callable] | Callable | None = None,
+            simulations: list[AttentionSim | None] | None = None) -> None:
+        """Set every saved linear's activation quantizer (one callable for all, or one per linear) and, when
+        given, every layer's attention simulation."""
+        if acts is not None:
+            for m in self.acts:
+                m.act = acts[m] if isinstance(acts, Mapping) else acts
+        if simulations is not None:
+            for a, sim in zip(self.attention, simulations, strict=True):
+                a.conqur_attention = sim
+
+    def restore(self) -> None:
+        for m, act in self.acts.items():
+            m.act, m.input_shift = act, self.shifts[m]
+        for a, state in zip(self.attention, self.attention_state, strict=True):
+            for key, value in zip(_ATTENTION_STATE, state, strict=True):
+                setattr(a, key, value)
+
+
+@contextmanager
+def quantizers_restored(model: nn.Module, adapter: ModelAdapter | None = None) -> Iterator[SavedQuantizers]:
+    """Save the model's quantizers (:class:`SavedQuantizers`), let the body change them, restore them on exit,
+    after an error too."""
+    saved = SavedQuantizers.of(model, adapter)
+    try:
+        yield saved
+    finally:
+        saved.restore()
 
 
 def quant_linears(layer: nn.Module, adapter: ModelAdapter) -> dict[str, QuantLinear]:

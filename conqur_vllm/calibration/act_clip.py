@@ -71,17 +71,11 @@ def choose_activation_clip(model: nn.Module, ids: torch.Tensor, bits: int,
     if not linears:
         raise ValueError("choose_activation_clip needs a model whose decoder linears are wrapped (apply_rotations)")
     totals = torch.zeros(len(grid), dtype=torch.float64)
-    saved = [m.act for m in linears]
     probe = _ErrorProbe(totals, bits, grid, symmetric)
-    try:
-        for m in linears:
-            m.act = probe
-        with torch.no_grad():
-            model.get_decoder()(ids, use_cache=False)
-    finally:
-        probe.last_input = None
-        for m, act in zip(linears, saved, strict=True):
-            m.act = act
+    with fake_quant.quantizers_restored(model) as saved, torch.no_grad():
+        saved.use(probe)
+        model.get_decoder()(ids, use_cache=False)
+    probe.last_input = None
     best = int(torch.argmin(totals))
     return ClipChoice(clip=grid[best], errors={c: float(e) for c, e in zip(grid, totals, strict=True)})
 
@@ -127,17 +121,11 @@ def choose_input_clips(model: nn.Module, adapter: ModelAdapter, ids: torch.Tenso
     model-wide ratio the errors are reported against."""
     groups = _input_groups(model, adapter)
     recorders = {key: _InputRecorder(max_rows) for key, _ in groups}
-    saved = {m: m.act for m in model.modules() if isinstance(m, fake_quant.QuantLinear)}
-    try:
-        for m in saved:
-            m.act = fake_quant.ActQuant(bits=None)
+    with fake_quant.quantizers_restored(model) as saved, torch.no_grad():
+        saved.use(fake_quant.ActQuant(bits=None))
         for key, linears in groups:
             linears[0].act = recorders[key]
-        with torch.no_grad():
-            model.get_decoder()(ids, use_cache=False)
-    finally:
-        for m, act in saved.items():
-            m.act = act
+        model.get_decoder()(ids, use_cache=False)
     out = InputClips({}, {})
     for key, linears in groups:
         x = recorders[key].rows

@@ -83,18 +83,13 @@ def measure_input_shifts(model: nn.Module, adapter: ModelAdapter, ids: torch.Ten
             modules[name] = module
     if not modules:
         raise ValueError("measure_input_shifts needs a model whose decoder linears are wrapped (apply_rotations)")
-    linears = [m for m in model.modules() if isinstance(m, fake_quant.QuantLinear)]
-    saved = [(m.act, m.input_shift) for m in linears]
-    try:
-        for m in linears:
-            m.act, m.input_shift = fake_quant.ActQuant(bits=None), None
+    with fake_quant.quantizers_restored(model) as saved, torch.no_grad():
+        saved.use(fake_quant.ActQuant(bits=None))
+        for m in saved.shifts:
+            m.input_shift = None
         for name, m in modules.items():
             m.act = recorders[name] = MeanRecorder()
-        with torch.no_grad():
-            model.get_decoder()(ids, use_cache=False)
-    finally:
-        for m, (act, shift) in zip(linears, saved, strict=True):
-            m.act, m.input_shift = act, shift
+        model.get_decoder()(ids, use_cache=False)
     return InputShifts(groups=tuple(groups),
                        shifts={name: rec.mean().to(torch.float32) for name, rec in recorders.items()},
                        energy_share={name: rec.energy_share() for name, rec in recorders.items()})

@@ -44,25 +44,14 @@ def measure_key_shifts(model: nn.Module, adapter: ModelAdapter, ids: torch.Tenso
     attentions = attention_modules(model, adapter)
     if any(getattr(a, "conqur_attention", None) is None for a in attentions.values()):
         raise ValueError("measure_key_shifts needs a model whose attention is simulated (apply_rotations)")
-    linears = [m for m in model.modules() if isinstance(m, fake_quant.QuantLinear)]
-    saved_act = [m.act for m in linears]
-    saved_attn = {n: (a.conqur_attention, getattr(a, "conqur_key_shift", None)) for n, a in attentions.items()}
     recorders = {n: MeanRecorder() for n in attentions}  # rows: one token's keys of all heads
-    try:
-        for m in linears:
-            m.act = fake_quant.ActQuant(bits=None)
+    with fake_quant.quantizers_restored(model, adapter) as saved, torch.no_grad():
+        saved.use(fake_quant.ActQuant(bits=None))
         for n, a in attentions.items():
             a.conqur_attention = fake_quant.AttentionSim(r3=a.conqur_attention.r3)
             a.conqur_key_shift = None
             a.conqur_key_observer = lambda key, rec=recorders[n]: rec(key.transpose(1, 2).flatten(2))
-        with torch.no_grad():
-            model.get_decoder()(ids, use_cache=False)
-    finally:
-        for m, act in zip(linears, saved_act, strict=True):
-            m.act = act
-        for n, a in attentions.items():
-            a.conqur_attention, a.conqur_key_shift = saved_attn[n]
-            a.conqur_key_observer = None
+        model.get_decoder()(ids, use_cache=False)
     n_kv = model.config.num_key_value_heads
     return KeyShifts(shifts={n: r.mean().to(torch.float32).view(n_kv, -1) for n, r in recorders.items()},
                      energy_share={n: r.energy_share() for n, r in recorders.items()})

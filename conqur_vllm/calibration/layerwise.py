@@ -166,16 +166,14 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
     device = torch.device(device)
     layers = adapter.decoder_layers(model)
     out: dict[str, QuantizedTensor] = {}
-    saved_act = {m: m.act for m in model.modules() if isinstance(m, fake_quant.QuantLinear)}
-    saved_attn = [layer.get_submodule(adapter.attention).conqur_attention for layer in layers]
-    off_act = fake_quant.ActQuant(bits=None)
-    off_attn = [None if att is None else fake_quant.AttentionSim(r3=att.r3) for att in saved_attn]
+    saved = fake_quant.SavedQuantizers.of(model, adapter)
+    off_attn = [None if att is None else fake_quant.AttentionSim(r3=att.r3) for att in saved.simulations]
 
     def quantizers(on: bool) -> None:
-        for m, act in saved_act.items():
-            m.act = act if on else off_act
-        for layer, att, off in zip(layers, saved_attn, off_attn, strict=True):
-            layer.get_submodule(adapter.attention).conqur_attention = att if on else off
+        if on:
+            saved.use(saved.acts, saved.simulations)
+        else:
+            saved.use(fake_quant.ActQuant(bits=None), off_attn)
 
     stream_quantized = method == "gptq" and inputs != "fp-activations"
     quantizers(False)
@@ -223,7 +221,7 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
             if device.type != "cpu":
                 layers[li].to("cpu")
     finally:
-        quantizers(True)
+        saved.restore()
     return out
 
 

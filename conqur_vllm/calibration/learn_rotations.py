@@ -175,23 +175,18 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
                         target=target(value_spec)) if opts.learn_r2 else None)
     rows = reader_weight_rows(model, adapter, site1.rotation, seed) if opts.weight_mu > 0 else None
     quantized = opts.quantized_forward
-    saved_act = {m: m.act for m in model.modules() if isinstance(m, fake_quant.QuantLinear)}
-    saved_attn = [layer.get_submodule(adapter.attention).conqur_attention
-                  for layer in adapter.decoder_layers(model)]
-    learner_act = {m: (m.act if quantized else fake_quant.ActQuant(bits=None)) for m in saved_act}
-    learner_attn = [att if quantized else fake_quant.AttentionSim(r3=rot.r3) for att in saved_attn]
+    saved = fake_quant.SavedQuantizers.of(model, adapter)
+    learner_act = saved.acts if quantized else fake_quant.ActQuant(bits=None)
+    learner_attn = saved.simulations if quantized else [fake_quant.AttentionSim(r3=rot.r3)] * n_layers
     learner_weights = weight_spec if quantized else None
 
-    def use_quantizers(act: dict, attn: list, weights: QuantSpec | None) -> None:
-        for m, a in act.items():
-            m.act = a
-        for layer, a in zip(adapter.decoder_layers(model), attn, strict=True):
-            layer.get_submodule(adapter.attention).conqur_attention = a
+    def use_quantizers(act: dict | fake_quant.ActQuant, attn: list, weights: QuantSpec | None) -> None:
+        saved.use(act, attn)
         fake_quant.set_weight_fake_quant(model, weights, clip_search=False)
 
     def heldout_loss() -> float:
         """Mean next-token loss of the fully fake-quantized model (the LM head is still in the start basis)."""
-        use_quantizers(saved_act, saved_attn, weight_spec)
+        use_quantizers(saved.acts, saved.simulations, weight_spec)
         recorder.paused = True
         try:
             total = 0.0
@@ -279,10 +274,7 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
         embed_hook.remove()
         rotate_residual_ends(model, adapter, pending)
         fake_quant.set_weight_fake_quant(model, None)
-        for m, act in saved_act.items():
-            m.act = act
-        for layer, att in zip(adapter.decoder_layers(model), saved_attn):
-            layer.get_submodule(adapter.attention).conqur_attention = att
+        saved.restore()
     r2 = site2.rotation.reshape(n_layers, n_kv, hd, hd) if site2 is not None else rot.r2
     return Rotations(r1=site1.rotation, r2=r2, r3=rot.r3, r4=rot.r4, r4_block=rot.r4_block), report
 
