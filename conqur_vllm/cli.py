@@ -58,6 +58,9 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
                    help="what GPTQ's Hessians see: activations unquantized (QuaRot's way), the served model's "
                         "quantized inputs, or those aiming at the full-precision model's outputs (default: "
                         "asymmetric)")
+    p.add_argument("--gptq-damp", type=float, default=None,
+                   help="GPTQ's damping of each decoder linear's Hessian, a multiple of its mean diagonal "
+                        "(default: the measured value in the Python API's CalibrationOptions)")
     p.add_argument("--embed-bits", type=int, choices=[4, 8, 16], default=4,
                    help="token embedding weights (weight-only; 16 = unquantized)")
     p.add_argument("--head-bits", type=int, choices=[4, 8, 16], default=4,
@@ -108,8 +111,11 @@ def _options(args):
     try:
         return _build_options(args)
     except ValidationError as exc:
-        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise CalibrationError(msg.replace("weight_symmetric=True", "--weight-symmetric")) from None
+        error = exc.errors()[0]
+        msg = error["msg"].removeprefix("Value error, ").replace("weight_symmetric=True", "--weight-symmetric")
+        if error["loc"]:  # a single field: name its flag
+            msg = f"--{'-'.join(str(part) for part in error['loc']).replace('_', '-')}: {msg}"
+        raise CalibrationError(msg) from None
 
 
 def _build_options(args):
@@ -117,7 +123,7 @@ def _build_options(args):
 
     conqur = _conqur_options(args)
     given = {name: value for name, value in (("a_clip", args.a_clip), ("kv_clip", args.kv_clip),
-                                             ("gptq_inputs", args.gptq_inputs),
+                                             ("gptq_inputs", args.gptq_inputs), ("gptq_damp", args.gptq_damp),
                                              ("weight_symmetric", args.weight_symmetric),
                                              ("smooth", args.smooth), ("layer_clips", args.layer_clips))
              if value is not None}

@@ -185,8 +185,36 @@ def test_resuming_asymmetric_without_the_reference_stream_is_refused(tiny_llama_
 def test_cli_flag_reaches_the_options(tmp_path):
     from conqur_vllm.cli import _options, build_parser
 
-    args = build_parser().parse_args(["calibrate", "-o", str(tmp_path / "o"), "--gptq-inputs", "asymmetric"])
-    assert _options(args).gptq_inputs == "asymmetric"
+    args = build_parser().parse_args(["calibrate", "-o", str(tmp_path / "o"), "--gptq-inputs", "asymmetric",
+                                      "--gptq-damp", "0.2"])
+    assert _options(args).gptq_inputs == "asymmetric" and _options(args).gptq_damp == 0.2
+    negative = subprocess.run([sys.executable, "-m", "conqur_vllm.cli", "calibrate", "-o", str(tmp_path / "o"),
+                               "--gptq-damp", "-1"], check=False, capture_output=True, text=True)
+    assert negative.returncode != 0 and "Traceback" not in negative.stderr and "--gptq-damp" in negative.stderr
     bad = subprocess.run([sys.executable, "-m", "conqur_vllm.cli", "calibrate", "-o", str(tmp_path / "o"),
                           "--gptq-inputs", "fp"], check=False, capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'fp'" in bad.stderr
+
+
+@pytest.mark.parametrize("inputs", ["fp-activations", "asymmetric"])
+def test_gptq_damping_option_reaches_every_decoder_sweep_and_changes_the_codes(tiny_llama_dir, text_file,
+                                                                               monkeypatch, inputs):
+    from conqur_vllm.calibration import layerwise
+
+    seen: list[float] = []
+    original = layerwise.gptq_quantize
+
+    def spy(w, h, spec, **kw):
+        seen.append(kw["damp"])
+        return original(w, h, spec, **kw)
+
+    monkeypatch.setattr(layerwise, "gptq_quantize", spy)
+    damped = _calibrated(tiny_llama_dir, text_file, gptq_inputs=inputs, gptq_damp=0.5)[2]
+    n_groups = len(seen)
+    assert n_groups > 0 and seen == [0.5] * n_groups
+    seen.clear()
+    default = _calibrated(tiny_llama_dir, text_file, gptq_inputs=inputs)[2]
+    assert seen == [CalibrationOptions().gptq_damp] * n_groups
+    codes = [torch.cat([qt.q.flatten() for name, qt in sorted(r.qweights.items()) if "layers" in name])
+             for r in (damped, default)]
+    assert not torch.equal(*codes)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from conqur_vllm import fake_quant
 from conqur_vllm.gptq import (
+    GPTQ_DAMP,
     TARGET_DAMP,
     CrossAccumulator,
     HessianAccumulator,
@@ -97,8 +98,8 @@ def _layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torc
 
 
 def quantize_layer_weights(layer: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *, method: str,
-                           hessians: dict[str, HessianAccumulator] | None, clip_search: bool
-                           ) -> dict[str, QuantizedTensor]:
+                           hessians: dict[str, HessianAccumulator] | None, clip_search: bool,
+                           damp: float = GPTQ_DAMP) -> dict[str, QuantizedTensor]:
     """Quantize every linear of one layer in place (weights become their dequantized values).
 
     Linears that share an input (q/k/v, gate/up) share one Hessian; GPTQ treats rows independently given H,
@@ -108,23 +109,23 @@ def quantize_layer_weights(layer: nn.Module, adapter: ModelAdapter, spec: QuantS
     for group in adapter.input_groups:
         result.update(quantize_group(layer, adapter, group, spec, method=method,
                                      moments=None if hessians is None else hessians[group[0]],
-                                     clip_search=clip_search))
+                                     clip_search=clip_search, damp=damp))
     return result
 
 
 def quantize_group(layer: nn.Module, adapter: ModelAdapter, group: list[str], spec: QuantSpec, *, method: str,
-                   moments: HessianAccumulator | None, clip_search: bool, target_damp: float = TARGET_DAMP
-                   ) -> dict[str, QuantizedTensor]:
+                   moments: HessianAccumulator | None, clip_search: bool, target_damp: float = TARGET_DAMP,
+                   damp: float = GPTQ_DAMP) -> dict[str, QuantizedTensor]:
     """Quantize the linears of one input group in place as one stacked matrix; ``moments`` (GPTQ): their inputs'
-    Hessian, with a cross moment (:class:`CrossAccumulator`) for the full-precision model's outputs as target
-    (ridge weight ``target_damp``)."""
+    Hessian (damped by ``damp`` x its mean diagonal), with a cross moment (:class:`CrossAccumulator`) for the
+    full-precision model's outputs as target (ridge weight ``target_damp``)."""
     qlins = fake_quant.quant_linears(layer, adapter)
     weights = [qlins[p].linear.weight for p in group]
     stacked = torch.cat([w.detach() for w in weights]).to(torch.float64)
     if method == "gptq":
         if isinstance(moments, CrossAccumulator):
             stacked = fp_target_weight(stacked, moments.hessian, moments.cross, damp=target_damp)
-        qt = gptq_quantize(stacked, moments.hessian, spec, clip_search=clip_search)
+        qt = gptq_quantize(stacked, moments.hessian, spec, clip_search=clip_search, damp=damp)
     else:
         qt = quantize_weight_rtn(stacked.float(), spec, clip_search=clip_search)
     result, start = {}, 0
@@ -142,7 +143,7 @@ def quantize_group(layer: nn.Module, adapter: ModelAdapter, group: list[str], sp
 def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *, method: str = "gptq",
                      calib_batches: list[torch.Tensor] | None = None, clip_search: bool = True,
                      inputs: GptqInputs = "fp-activations", target_damp: float = TARGET_DAMP,
-                     device: torch.device | str = "cpu", progress: bool = True,
+                     damp: float = GPTQ_DAMP, device: torch.device | str = "cpu", progress: bool = True,
                      on_layer: Callable[[int, dict[str, QuantizedTensor], LayerReport, list | None, list | None],
                                         None] | None = None,
                      start_layer: int = 0, resume_hidden: list[torch.Tensor] | None = None,
@@ -151,7 +152,7 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
     """Quantize every decoder linear; returns ``{"<layers>.<i>.<path>": QuantizedTensor}``.
 
     ``inputs`` says what GPTQ's Hessians see (module docstring); ``target_damp`` is the asymmetric target's ridge
-    weight (:func:`conqur_vllm.gptq.fp_target_weight`). ``on_layer(index, qweights, report, hidden,
+    weight (:func:`conqur_vllm.gptq.fp_target_weight`), ``damp`` GPTQ's own damping of the Hessian. ``on_layer(index, qweights, report, hidden,
     reference)`` is called after each layer (for checkpointing progress) with the hidden states leaving it (the
     stream the next layer's Hessians read) and, for ``asymmetric``, the full-precision stream;
     ``start_layer``/``resume_hidden``/``resume_reference`` resume a GPTQ run whose earlier layers are already
@@ -196,12 +197,12 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
             hessians, err, target = None, None, None
             if method == "gptq" and stream_quantized:
                 qts, target = _gptq_layer_sequential(layer, adapter, spec, hidden, reference, kwargs, quantizers,
-                                                     clip_search, target_damp)
+                                                     clip_search, target_damp, damp)
             else:
                 if method == "gptq":
                     hessians, target = _collect_hessians(layer, adapter, hidden, kwargs)
                 qts = quantize_layer_weights(layer, adapter, spec, method=method, hessians=hessians,
-                                             clip_search=clip_search)
+                                             clip_search=clip_search, damp=damp)
             if method == "gptq":
                 quantizers(stream_quantized)
                 with torch.no_grad():
@@ -258,7 +259,7 @@ def _stopping_observer(moments: HessianAccumulator, reference: torch.Tensor | No
 
 def _gptq_layer_sequential(layer: nn.Module, adapter: ModelAdapter, spec: QuantSpec, hidden: list[torch.Tensor],
                            reference: list[torch.Tensor] | None, kwargs: dict, quantizers: Callable[[bool], None],
-                           clip_search: bool, target_damp: float = TARGET_DAMP
+                           clip_search: bool, target_damp: float = TARGET_DAMP, damp: float = GPTQ_DAMP
                            ) -> tuple[dict[str, QuantizedTensor], list[torch.Tensor]]:
     """GPTQ of one layer on the quantized stream, one input group after another (each group's inputs are read
     with the groups before it already quantized, so o_proj and down_proj see what they will be fed).
@@ -297,5 +298,5 @@ def _gptq_layer_sequential(layer: nn.Module, adapter: ModelAdapter, spec: QuantS
                 head.input_observer = None
         kept[group[0]].clear()
         result.update(quantize_group(layer, adapter, group, spec, method="gptq", moments=moments,
-                                     clip_search=clip_search, target_damp=target_damp))
+                                     clip_search=clip_search, target_damp=target_damp, damp=damp))
     return result, target

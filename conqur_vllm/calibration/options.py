@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from conqur_vllm.gptq import TARGET_DAMP
+from conqur_vllm.gptq import GPTQ_DAMP, TARGET_DAMP
 
 
 class ConqurOptions(BaseModel):
@@ -63,6 +63,9 @@ class CalibrationOptions(BaseModel):
     gptq_target_damp: float = Field(
         default=TARGET_DAMP, gt=0.0, description="asymmetric GPTQ: ridge weight (x mean diag H) keeping the target weight "
                                          "near the original where the calibration inputs say little")
+    gptq_damp: float = Field(
+        default=GPTQ_DAMP, gt=0.0, description="GPTQ's damping of each decoder linear's Hessian (x mean diag H) "
+                                               "before its column sweep")
     embed_bits: Literal[4, 8, 16] = 4
     head_bits: Literal[4, 8, 16] = 4
     vocab_group_size: int | None = Field(default=32, gt=0, description="group of 4-bit embedding/head weights")
