@@ -200,7 +200,6 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
             recorder.paused = False
             use_quantizers(learner_act, learner_attn, learner_weights)
 
-    use_quantizers(learner_act, learner_attn, learner_weights)
     recorder = _SiteRecorder(model, adapter, n_kv, hd, opts.max_vectors, center=bool(opts.center))
     decoder = model.get_decoder()  # hidden states only: the LM head's logits are not needed here
     # the embedding (vocab x d) is rotated on its output while learning and fused once at the end
@@ -212,6 +211,7 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
     report = LearnReport()
     best: tuple[float, int, torch.Tensor, torch.Tensor | None] | None = None  # loss, step, R1, R2
     try:
+        use_quantizers(learner_act, learner_attn, learner_weights)  # inside the try: the finally restores them
         if opts.select == "heldout":
             report.heldout_initial = heldout_loss()
             best = (report.heldout_initial, -1, site1.rotation, site2.rotation if site2 is not None else None)
