@@ -152,9 +152,10 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
     """Quantize every decoder linear; returns ``{"<layers>.<i>.<path>": QuantizedTensor}``.
 
     ``inputs`` says what GPTQ's Hessians see (module docstring); ``target_damp`` is the asymmetric target's ridge
-    weight (:func:`conqur_vllm.gptq.fp_target_weight`), ``damp`` GPTQ's own damping of the Hessian. ``on_layer(index, qweights, report, hidden,
-    reference)`` is called after each layer (for checkpointing progress) with the hidden states leaving it (the
-    stream the next layer's Hessians read) and, for ``asymmetric``, the full-precision stream;
+    weight (:func:`conqur_vllm.gptq.fp_target_weight`), ``damp`` GPTQ's own damping of the Hessian.
+    ``on_layer(index, qweights, report, hidden, reference)`` is called after each layer (for checkpointing
+    progress) with the hidden states leaving it (the stream the next layer's Hessians read) and, for
+    ``asymmetric``, the full-precision stream;
     ``start_layer``/``resume_hidden``/``resume_reference`` resume a GPTQ run whose earlier layers are already
     quantized in ``model``.
     """
