@@ -68,7 +68,9 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=32, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--calib-text", default="c4", help="exllamav2 text name (c4, wiki, ...) or a .txt path")
-    p.add_argument("--device", default="cpu", help="compute device, one decoder layer at a time (cpu, cuda)")
+    p.add_argument("--device", default="cpu",
+                   help="device of the per-layer GPTQ/RTN, one decoder layer at a time (cpu, cuda); the other "
+                        "stages run on the CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--r4-block", type=int, default=None,
                    help="block size of the down_proj Hadamard (tensor parallel: intermediate/TP or smaller)")

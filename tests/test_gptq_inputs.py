@@ -3,6 +3,7 @@ full-precision model's outputs (asymmetric calibration)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -11,12 +12,18 @@ import torch
 
 from conqur_vllm import fake_quant
 from conqur_vllm.calibration import pipeline
-from conqur_vllm.calibration.layerwise import quantize_weights
+from conqur_vllm.calibration.layerwise import (
+    SublayerReplay,
+    _layer_forward,
+    capture_layer_inputs,
+    quantize_weights,
+)
 from conqur_vllm.calibration.options import CalibrationOptions, ConqurOptions
 from conqur_vllm.calibration.resume import CalibrationState
 from conqur_vllm.gptq import CrossAccumulator, HessianAccumulator, fp_target_weight, gptq_quantize
 from conqur_vllm.models.adapters import get_adapter
 from conqur_vllm.quant import QuantSpec, dequantize
+from tests.tiny_models import tiny_model
 
 FAST = {"samples": 8, "seq_len": 64, "conqur": ConqurOptions(steps=2, batch_size=4)}
 
@@ -218,3 +225,56 @@ def test_gptq_damping_option_reaches_every_decoder_sweep_and_changes_the_codes(t
     codes = [torch.cat([qt.q.flatten() for name, qt in sorted(r.qweights.items()) if "layers" in name])
              for r in (damped, default)]
     assert not torch.equal(*codes)
+
+
+def _quantized_tiny(family: str):
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    fake_quant.install(model, adapter, act=fake_quant.ActQuant(bits=4, clip_ratio=0.85),
+                       attention=fake_quant.AttentionSim(r3=True, kv=fake_quant.KVQuant(bits=4)))
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, model.config.vocab_size, (2, 16), generator=g) for _ in range(3)]
+    return model, adapter, ids
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("sublayer", ["attention", "mlp"])
+def test_sublayer_replay_reproduces_the_quantized_layer_bit_for_bit(family, sublayer):
+    model, adapter, ids = _quantized_tiny(family)
+    hidden, kwargs = capture_layer_inputs(model, adapter, ids, torch.device("cpu"))
+    layer = adapter.decoder_layers(model)[0]
+    replay = getattr(SublayerReplay, sublayer)(layer, adapter)
+
+    def forwards(replaying: bool) -> list[torch.Tensor]:
+        outs = []
+        with torch.no_grad(), replay.replaying() if replaying else replay.recording():
+            for b, h in enumerate(hidden):
+                replay.batch = b
+                outs.append(_layer_forward(layer, h, kwargs))
+        return outs
+
+    full = forwards(replaying=False)
+    assert len(replay.raw) == len(hidden)
+    assert all(torch.equal(a, b) for a, b in zip(full, forwards(replaying=True), strict=True))
+    with torch.no_grad():  # a new writer weight (as after its GPTQ) reaches the replayed output
+        replay.writer.linear.weight.mul_(0.5)
+    replay.raw.clear()
+    fresh = forwards(replaying=False)
+    assert not torch.equal(fresh[0], full[0])
+    assert all(torch.equal(a, b) for a, b in zip(fresh, forwards(replaying=True), strict=True))
+    assert "forward" not in vars(replay.sublayer)  # the module's own forward is back
+
+
+@pytest.mark.parametrize("inputs", ["asymmetric", "quantized"])
+def test_replayed_sublayers_give_the_codes_of_full_recomputation(inputs, monkeypatch):
+    def run() -> dict:
+        model, adapter, ids = _quantized_tiny("llama")
+        return quantize_weights(model, adapter, QuantSpec(bits=4, group_size=None), calib_batches=ids,
+                                inputs=inputs, progress=False)
+
+    replayed = run()
+    monkeypatch.setattr(SublayerReplay, "replaying", lambda self: contextlib.nullcontext())  # recompute them
+    recomputed = run()
+    assert replayed.keys() == recomputed.keys() and len(replayed) == 14
+    for name, qt in replayed.items():
+        assert torch.equal(qt.q, recomputed[name].q) and torch.equal(qt.scale, recomputed[name].scale), name

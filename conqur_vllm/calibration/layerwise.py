@@ -1,8 +1,9 @@
 """Layer-by-layer weight quantization (GPTQ or RTN) of a model wrapped by :mod:`conqur_vllm.fake_quant`.
 
-Only one decoder layer is on the compute device at a time; the calibration batch's hidden states are the only
-activations kept (one tensor per mini-batch, replaced layer by layer). What GPTQ's Hessians see is
-``GptqInputs``:
+Only one decoder layer is on the compute device at a time (the rest of the model stays where it was loaded); the
+calibration batch's hidden states are the only activations kept (one tensor per mini-batch, replaced layer by
+layer, on the compute device); the codes and the states handed to ``on_layer`` come back on the CPU. What
+GPTQ's Hessians see is ``GptqInputs``:
 
 - ``fp-activations`` (as in QuaRot): the inputs the weights multiply with activation and KV quantization off;
   each layer reproduces its own outputs on the weight-quantized stream.
@@ -18,7 +19,8 @@ activations kept (one tensor per mini-batch, replaced layer by layer). What GPTQ
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,9 +63,30 @@ class _StopForward(Exception):
     pass
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (where it runs)."""
+    return next(module.parameters()).device
+
+
+def to_device(obj, device: torch.device):
+    """``obj`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _on_cpu(qt: QuantizedTensor) -> QuantizedTensor:
+    return QuantizedTensor(qt.q.cpu(), qt.scale.cpu(), None if qt.zero is None else qt.zero.cpu(), qt.spec)
+
+
 def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[torch.Tensor],
                          device: torch.device) -> tuple[list[torch.Tensor], dict]:
-    """Hidden states entering decoder layer 0 for each batch, and the keyword arguments the layers receive."""
+    """Hidden states entering decoder layer 0 for each batch, and the keyword arguments the layers receive, on
+    ``device`` (the embedding runs where ``model`` is)."""
     layers = adapter.decoder_layers(model)
     captured: list[torch.Tensor] = []
     kwargs_seen: dict = {}
@@ -77,11 +100,13 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
     try:
         for ids in batches:
             try:
-                model(ids.to(device), use_cache=False)
+                model(ids.to(module_device(model)), use_cache=False)
             except _StopForward:
                 pass
     finally:
         handle.remove()
+    captured = [h.to(device) for h in captured]
+    kwargs_seen = to_device(kwargs_seen, device)
     kwargs_seen["use_cache"] = False
     if isinstance(kwargs_seen.get("position_embeddings"), tuple):  # same positions in every batch: broadcast
         kwargs_seen["position_embeddings"] = tuple(t[:1] for t in kwargs_seen["position_embeddings"])
@@ -166,6 +191,7 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
     if inputs == "asymmetric" and resume_hidden is not None and resume_reference is None:
         raise ValueError("resuming asymmetric GPTQ needs the full-precision stream (resume_reference)")
     device = torch.device(device)
+    home = module_device(model)  # where each layer goes back to
     layers = adapter.decoder_layers(model)
     out: dict[str, QuantizedTensor] = {}
     saved = fake_quant.SavedQuantizers.of(model, adapter)
@@ -188,40 +214,43 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
                 hidden, kwargs = capture_layer_inputs(model, adapter, calib_batches[:1] if resume_hidden
                                                       else calib_batches, device)
                 if inputs == "asymmetric":
-                    reference = list(hidden) if resume_reference is None else resume_reference
+                    reference = list(hidden) if resume_reference is None else to_device(resume_reference, device)
                 if resume_hidden is not None:
-                    hidden = resume_hidden
+                    hidden = to_device(resume_hidden, device)
         bar = tqdm(range(start_layer, len(layers)), desc=f"{method} layers", disable=not progress)
         for li in bar:
             t0 = time.perf_counter()
             layer = layers[li].to(device)
             hessians, err, target = None, None, None
             if method == "gptq" and stream_quantized:
-                qts, target = _gptq_layer_sequential(layer, adapter, spec, hidden, reference, kwargs, quantizers,
-                                                     clip_search, target_damp, damp)
+                qts, target, hidden = _gptq_layer_sequential(layer, adapter, spec, hidden, reference, kwargs,
+                                                             quantizers, clip_search, target_damp, damp)
             else:
                 if method == "gptq":
                     hessians, target = _collect_hessians(layer, adapter, hidden, kwargs)
                 qts = quantize_layer_weights(layer, adapter, spec, method=method, hessians=hessians,
                                              clip_search=clip_search, damp=damp)
             if method == "gptq":
-                quantizers(stream_quantized)
-                with torch.no_grad():
-                    hidden = [_layer_forward(layer, h, kwargs) for h in hidden]
+                if not stream_quantized:
+                    quantizers(False)
+                    with torch.no_grad():
+                        hidden = [_layer_forward(layer, h, kwargs) for h in hidden]
                 if reference is not None:
                     reference = target
                 num = sum(float((h - f).pow(2).sum()) for h, f in zip(hidden, target))
                 den = sum(float(f.pow(2).sum()) for f in target)
                 err = (num / den) ** 0.5
             prefix = f"{adapter.layers}.{li}"
-            out.update({f"{prefix}.{path}": qt for path, qt in qts.items()})
+            qts = {f"{prefix}.{path}": _on_cpu(qt) for path, qt in qts.items()}
+            out.update(qts)
             report = LayerReport(li, time.perf_counter() - t0, err)
             if progress:
                 bar.write(report.line())
             if on_layer is not None:
-                on_layer(li, {f"{prefix}.{p}": qt for p, qt in qts.items()}, report, hidden, reference)
-            if device.type != "cpu":
-                layers[li].to("cpu")
+                on_layer(li, qts, report, to_device(hidden, torch.device("cpu")),
+                         to_device(reference, torch.device("cpu")))
+            if device != home:
+                layers[li].to(home)
     finally:
         saved.restore()
     return out
@@ -258,17 +287,67 @@ def _stopping_observer(moments: HessianAccumulator, reference: torch.Tensor | No
     return observe
 
 
+class SublayerReplay:
+    """A sublayer's output rebuilt from the recorded inputs of its last linear (its writer), one per batch.
+
+    Once the linears before the writer are quantized, what reaches the writer no longer changes, so later
+    passes through the layer need only the writer of it: while replaying, the sublayer returns
+    ``writer(raw[batch])`` (for the attention ``(writer(raw[batch]), None)``), the same operations on the same
+    tensors as its own last step, without recomputing what came before. Llama, Qwen2/3 and Mistral attention
+    and MLP blocks all end that way (tested).
+    """
+
+    def __init__(self, layer: nn.Module, sublayer: str, writer: str, as_tuple: bool) -> None:
+        self.sublayer = layer.get_submodule(sublayer)
+        self.writer = layer.get_submodule(writer)
+        self.as_tuple = as_tuple
+        self.raw: list[torch.Tensor] = []
+        self.batch = 0
+
+    @classmethod
+    def attention(cls, layer: nn.Module, adapter: ModelAdapter) -> SublayerReplay:
+        return cls(layer, adapter.attention, adapter.o_proj, as_tuple=True)
+
+    @classmethod
+    def mlp(cls, layer: nn.Module, adapter: ModelAdapter) -> SublayerReplay:
+        return cls(layer, adapter.down_proj.rsplit(".", 1)[0], adapter.down_proj, as_tuple=False)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Keep the writer's input of every forward (in batch order)."""
+        handle = self.writer.register_forward_pre_hook(lambda _m, args: self.raw.append(args[0].detach()))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _replayed(self, *_args, **_kwargs):
+        out = self.writer(self.raw[self.batch])
+        return (out, None) if self.as_tuple else out
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """The sublayer returns the writer's output on the recorded input of batch ``self.batch``."""
+        self.sublayer.forward = self._replayed
+        try:
+            yield
+        finally:
+            del self.sublayer.forward
+
+
 def _gptq_layer_sequential(layer: nn.Module, adapter: ModelAdapter, spec: QuantSpec, hidden: list[torch.Tensor],
                            reference: list[torch.Tensor] | None, kwargs: dict, quantizers: Callable[[bool], None],
                            clip_search: bool, target_damp: float = TARGET_DAMP, damp: float = GPTQ_DAMP
-                           ) -> tuple[dict[str, QuantizedTensor], list[torch.Tensor]]:
+                           ) -> tuple[dict[str, QuantizedTensor], list[torch.Tensor], list[torch.Tensor]]:
     """GPTQ of one layer on the quantized stream, one input group after another (each group's inputs are read
     with the groups before it already quantized, so o_proj and down_proj see what they will be fed).
 
     With ``reference`` (asymmetric): the full-precision stream first runs through the layer's full-precision
     weights, quantizers off, keeping every group's inputs (per batch) and the outputs, the target; each group
     then aims at the full-precision outputs of its inputs. Without: the target is the layer's outputs before
-    quantization on the quantized stream. Returns the codes and the target outputs."""
+    quantization on the quantized stream. Passes after o_proj's replay the attention, and the pass for the
+    next layer's inputs the MLP as well (:class:`SublayerReplay`).
+    Returns the codes, the target outputs and the quantized layer's outputs (the next layer's inputs)."""
     qlins = fake_quant.quant_linears(layer, adapter)
     heads = [group[0] for group in adapter.input_groups]
     kept: dict[str, list[torch.Tensor]] = {p: [] for p in heads}
@@ -284,20 +363,36 @@ def _gptq_layer_sequential(layer: nn.Module, adapter: ModelAdapter, spec: QuantS
             qlins[p].input_observer = None
     quantizers(True)
     result: dict[str, QuantizedTensor] = {}
+    attention, mlp = SublayerReplay.attention(layer, adapter), SublayerReplay.mlp(layer, adapter)
+    replays = (attention, mlp)
     for group in adapter.input_groups:
         head = qlins[group[0]]
         moments = (CrossAccumulator if reference is not None else HessianAccumulator)(
             head.linear.in_features, device=head.linear.weight.device)
-        for b, h in enumerate(hidden):
-            head.input_observer = _stopping_observer(moments, kept[group[0]][b] if reference is not None else None)
-            try:
-                with torch.no_grad():
-                    _layer_forward(layer, h, kwargs)
-            except _StopForward:
-                pass
-            finally:
-                head.input_observer = None
+        with ExitStack() as stack:
+            if attention.raw:  # q/k/v are quantized and o_proj's inputs recorded
+                stack.enter_context(attention.replaying())
+            for replay, writer in ((attention, adapter.o_proj), (mlp, adapter.down_proj)):
+                if group[0] == writer:
+                    stack.enter_context(replay.recording())
+            for b, h in enumerate(hidden):
+                for replay in replays:
+                    replay.batch = b
+                head.input_observer = _stopping_observer(moments,
+                                                         kept[group[0]][b] if reference is not None else None)
+                try:
+                    with torch.no_grad():
+                        _layer_forward(layer, h, kwargs)
+                except _StopForward:
+                    pass
+                finally:
+                    head.input_observer = None
         kept[group[0]].clear()
         result.update(quantize_group(layer, adapter, group, spec, method="gptq", moments=moments,
                                      clip_search=clip_search, target_damp=target_damp, damp=damp))
-    return result, target
+    outputs = []
+    with attention.replaying(), mlp.replaying(), torch.no_grad():
+        for b, h in enumerate(hidden):
+            attention.batch = mlp.batch = b
+            outputs.append(_layer_forward(layer, h, kwargs))
+    return result, target, outputs

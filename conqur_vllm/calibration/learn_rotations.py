@@ -145,12 +145,13 @@ def _token_weights(x: torch.Tensor, massive_weight: float) -> torch.Tensor | Non
 def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, batches: list[torch.Tensor],
                     opts: ConqurOptions, *, weight_spec: QuantSpec | None,
                     act_spec: QuantSpec | None = None, value_spec: QuantSpec | None = None,
-                    heldout: torch.Tensor | None = None, seed: int = 0, device: torch.device | str = "cpu", progress: bool = True,
+                    heldout: torch.Tensor | None = None, seed: int = 0, progress: bool = True,
                     on_step: Callable[[StepLog], None] | None = None,
                     on_rotations: Callable[[int, Rotations], None] | None = None) -> tuple[Rotations, LearnReport]:
     """Run ``opts.steps`` online updates over ``batches`` (cycled); the model ends with the learned rotations fused.
 
-    ``rot`` must already be applied to ``model`` (:func:`conqur_vllm.rotation.apply_rotations`).
+    ``rot`` must already be applied to ``model`` (:func:`conqur_vllm.rotation.apply_rotations`); it runs where
+    ``model`` is.
     ``weight_spec``: weights are RTN fake-quantized (absmax, no clip search) in the forward when given and
     ``opts.quantized_forward``. With ``opts.target == "grid"`` the R1 targets lie on ``act_spec``'s grid (weight
     rows on ``weight_spec``'s) and the R2 targets on ``value_spec``'s; a missing spec falls back to corners.
@@ -202,6 +203,7 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
 
     recorder = _SiteRecorder(model, adapter, n_kv, hd, opts.max_vectors, center=bool(opts.center))
     decoder = model.get_decoder()  # hidden states only: the LM head's logits are not needed here
+    device = next(model.parameters()).device
     # the embedding (vocab x d) is rotated on its output while learning and fused once at the end
     pending = torch.eye(cfg.hidden_size, dtype=torch.float64)
     pending32 = [pending.float()]

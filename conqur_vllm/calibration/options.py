@@ -6,7 +6,8 @@ import hashlib
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from conqur_vllm.gptq import GPTQ_DAMP, TARGET_DAMP
 
@@ -100,8 +101,25 @@ class CalibrationOptions(BaseModel):
     calib_text: str = "c4"
     seed: int = 0
     r4_block: int | None = None
-    device: str = "cpu"
+    device: str = Field(default="cpu", description="where the per-layer weight quantization runs, one decoder "
+                                                  "layer at a time (cpu, cuda, cuda:N); the other stages run "
+                                                  "where the model was loaded")
     conqur: ConqurOptions = ConqurOptions()
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        try:
+            device = torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"unknown device {value!r}; use cpu or cuda") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {value!r} is not supported; use cpu or cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("no CUDA device is visible to torch; use cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{value} does not exist ({torch.cuda.device_count()} CUDA devices visible)")
+        return value
 
     @model_validator(mode="after")
     def _resolve_forward(self) -> CalibrationOptions:

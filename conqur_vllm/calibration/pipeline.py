@@ -26,7 +26,7 @@ from conqur_vllm.calibration.act_clip import (
 )
 from conqur_vllm.calibration.act_shift import InputShifts, install_input_shifts, measure_input_shifts
 from conqur_vllm.calibration.kv_shift import KeyShifts, install_key_shifts, measure_key_shifts
-from conqur_vllm.calibration.layerwise import quantize_weights
+from conqur_vllm.calibration.layerwise import module_device, quantize_weights
 from conqur_vllm.calibration.learn_rotations import LearnReport, learn_rotations
 from conqur_vllm.calibration.options import CalibrationOptions
 from conqur_vllm.calibration.smooth import SMOOTH_SITES_OF, SmoothScales, smooth_model
@@ -123,13 +123,18 @@ def target_specs(opts: CalibrationOptions) -> dict[str, QuantSpec | None]:
     return {"act_spec": act, "value_spec": value}
 
 
+def _shift_sequences(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    """The calibration sequences the shift, smoothing and clip stages read, where ``model`` runs."""
+    return batches[0][:SHIFT_SEQUENCES].to(module_device(model))
+
+
 def set_smoothing(model: nn.Module, opts: CalibrationOptions, batches: list[torch.Tensor],
                   rot: Rotations) -> SmoothScales:
     """Choose and fuse the smoothing scales on the rotated ``model`` (the sequences of the activation shifts),
     as ``smooth`` says (none for unquantized activations)."""
     if opts.smooth == "none" or opts.a_bits >= 16:
         return SmoothScales()
-    return smooth_model(model, get_adapter(model.config), batches[0][:SHIFT_SEQUENCES].to(opts.device),
+    return smooth_model(model, get_adapter(model.config), _shift_sequences(model, batches),
                         act_bits=opts.a_bits, act_symmetric=opts.a_symmetric, w_spec=weight_spec(opts),
                         h4=down_transform(model.config, rot), r4_block=rot.r4_block,
                         sites=SMOOTH_SITES_OF[opts.smooth])
@@ -141,7 +146,7 @@ def set_input_shifts(model: nn.Module, opts: CalibrationOptions, batches: list[t
     install them, as ``a_shift`` says (none for unquantized activations or ``a_shift`` off)."""
     shifts = InputShifts()
     if opts.a_shift and opts.a_bits < 16:
-        shifts = measure_input_shifts(model, get_adapter(model.config), batches[0][:SHIFT_SEQUENCES].to(opts.device))
+        shifts = measure_input_shifts(model, get_adapter(model.config), _shift_sequences(model, batches))
     install_input_shifts(model, shifts.shifts)
     return shifts
 
@@ -152,7 +157,7 @@ def set_key_shifts(model: nn.Module, opts: CalibrationOptions, batches: list[tor
     adapter = get_adapter(model.config)
     shifts = KeyShifts()
     if opts.kv_shift and opts.kv_bits < 16:
-        shifts = measure_key_shifts(model, adapter, batches[0][:SHIFT_SEQUENCES].to(opts.device))
+        shifts = measure_key_shifts(model, adapter, _shift_sequences(model, batches))
     install_key_shifts(model, adapter, shifts.shifts)
     return shifts
 
@@ -165,7 +170,8 @@ def resolve_activation_clip(model: nn.Module, opts: CalibrationOptions,
         return opts, None
     if opts.a_bits >= 16:
         return opts.model_copy(update={"a_clip": 1.0}), None
-    choice = choose_activation_clip(model, batches[0].to(opts.device), opts.a_bits, symmetric=opts.a_symmetric)
+    choice = choose_activation_clip(model, batches[0].to(module_device(model)), opts.a_bits,
+                                    symmetric=opts.a_symmetric)
     return opts.model_copy(update={"a_clip": choice.clip}), choice
 
 
@@ -176,8 +182,8 @@ def set_input_clips(model: nn.Module, opts: CalibrationOptions, batches: list[to
     if not opts.layer_clips or opts.a_bits >= 16:
         return InputClips({}, {})
     adapter = get_adapter(model.config)
-    clips = choose_input_clips(model, adapter, batches[0][:SHIFT_SEQUENCES].to(opts.device), opts.a_bits,
-                               opts.a_symmetric, default=float(opts.a_clip))
+    clips = choose_input_clips(model, adapter, _shift_sequences(model, batches), opts.a_bits, opts.a_symmetric,
+                               default=float(opts.a_clip))
     install_input_clips(model, adapter, clips.clips)
     return clips
 
@@ -204,7 +210,7 @@ def learn_conqur_rotations(model: nn.Module, tokenizer, rot: Rotations, opts: Ca
     heldout = heldout_windows(tokenizer, calib_text, opts) if opts.conqur.select == "heldout" else None
     return learn_rotations(model, get_adapter(model.config), rot, batches, opts.conqur,
                            weight_spec=weight_spec(opts), **target_specs(learn_opts), heldout=heldout,
-                           seed=opts.seed, device=opts.device, progress=progress, on_step=on_step)
+                           seed=opts.seed, progress=progress, on_step=on_step)
 
 
 def initial_rotations(model: nn.Module, opts: CalibrationOptions) -> Rotations:
