@@ -6,7 +6,8 @@ unwritten element fails. Checks:
 - integer GEMM: int32 accumulators bit-exact against ``torch._int_mm`` / exact float32 products (packed INT4
   and int8 weights, INT4 and full int8 activations);
 - scaled GEMM: bf16 output within half a bf16 ulp (plus float32 slack) of the reference epilogue computed
-  from the exact accumulators, per-channel and per-group (128) scales, with bias; fp32 output likewise;
+  from the exact accumulators, per-channel and per-group (128) scales, with bias; fp32 output likewise; and
+  the asymmetric-weight path (unpacked int8 codes ``q - zero`` in [-15, 15]);
 - fused Hadamard + quantization: codes and scales bit-exact against the reference for power-of-two sizes and
   diagonal blocks; for ``m x 2^k`` sizes (14336 = 28 x 512), codes may differ only at float32 rounding ties;
 - the ``torch.ops.conqur.*`` ops dispatch to the Triton kernels on CUDA.
@@ -87,6 +88,17 @@ def check_gemm(m: int, n: int, k: int) -> None:
         rel32 = float((out32 - ref32).norm() / ref32.norm())
         record("scaled_mm_fp32", not out32.isnan().any() and rel32 < 1e-6, groups=groups, rel_err=rel32,
                **tag)
+    # asymmetric weights as served: centered int8 codes q - zero in [-15, 15], unpacked, centered activations
+    w15 = torch.randint(-15, 16, (n, k), dtype=torch.int8, device="cuda")
+    a15 = torch.randint(-15, 16, (m, k), dtype=torch.int8, device="cuda")
+    w_scale = torch.rand(n, 1, device="cuda") * 0.01 + 1e-3
+    ref32 = reference_fn(reference.int_scaled_mm)(a15, a_scale, w15, w_scale, bias, torch.float32)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    triton_gemm.scaled_mm(a15, a_scale, w15, w_scale, bias, torch.bfloat16, packed=False, out=out)
+    err = (out.float() - ref32).abs()
+    tol = ref32.abs() * 2.0**-8 * (1 + 1e-4) + 1e-6 * float(ref32.abs().max())
+    record("scaled_mm_bf16_int8_weights", not out.isnan().any() and bool((err <= tol).all()),
+           rel_err=float((out.float() - ref32).norm() / ref32.norm()), max_err=float(err.max()), **tag)
 
 
 def _near_tie(y: torch.Tensor, scale: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:

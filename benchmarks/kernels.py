@@ -1,10 +1,12 @@
 """Speed of the Triton W4A4 GEMM and the fused Hadamard + quantization kernel on one CUDA GPU, in one run.
 
 For every (N, K) in GEMM_SHAPES and M in M_VALUES: median time of the W4A4 kernel (packed INT4 weights, bf16
-out), of bf16 ``F.linear`` (cuBLAS) and of ``torch._int_mm`` (int8 W8A8, M padded to 32 when M <= 16); TOPS,
+out), of the same GEMM on unpacked int8 weights (the asymmetric-weight path), of bf16 ``F.linear`` (cuBLAS)
+and of ``torch._int_mm`` (int8 W8A8, M padded to 32 when M <= 16); TOPS,
 bytes moved per second, speedups, and the fraction of the device roofline
 ``max(2MNK / int8_peak, bytes / hbm_bw)`` reached, with both ceilings measured here (a large device-to-device
-copy, an 8192³ ``torch._int_mm``). The fused Hadamard + INT4 quantization is timed for K in HADAMARD_SIZES
+copy, an 8192³ ``torch._int_mm``). The fused Hadamard + INT4 quantization (symmetric codes, and the centered
+asymmetric codes of the default checkpoints) is timed for K in HADAMARD_SIZES
 against the copy bandwidth and the unfused torch path. ``--sweep`` also times alternative tile configs.
 
 Times are medians over CUDA-graph replays of many calls that cycle through enough input copies to exceed
@@ -151,6 +153,11 @@ def gemm_row(m: int, n: int, k: int, ceilings: dict[str, float], config=None) ->
     w8 = [torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda") for _ in range(copies_for(n * k))]
     row["int_mm_us"] = bench([lambda w=w: torch._int_mm(a8, w.t()) for w in w8]) * 1e3
     del w8
+    w15 = [(torch.randint(-15, 16, (n, k), dtype=torch.int8, device="cuda"), torch.rand(n, 1, device="cuda") + 0.5)
+           for _ in range(copies_for(n * k))]  # asymmetric weights: centered int8 codes, one byte per weight
+    row["int8_weights_us"] = bench([lambda w=w, s=s: triton_gemm.scaled_mm(a, a_scale, w, s, bias, torch.bfloat16,
+                                                                          packed=False) for w, s in w15]) * 1e3
+    del w15
     ops = 2 * m * n * k
     floor_s = max(ops / ceilings["int8_ops_per_s"], w4_bytes / ceilings["hbm_bytes_per_s"])
     row.update({
@@ -185,6 +192,7 @@ def quant_row(m: int, k: int, ceilings: dict[str, float]) -> dict[str, float]:
     mismatch = int((q != ref_q).sum())
     fused_ms = bench([lambda x=x: triton_quant.hadamard_quantize(x, None, 4, 0.9) for x in xs])
     unfused_ms = bench([lambda x=x: torch_hadamard_quantize(x, 4, 0.9) for x in xs[:2]])
+    centered_ms = bench([lambda x=x: triton_quant.hadamard_quantize_centered(x, None, 4, 0.9) for x in xs])
     nbytes = m * k * 3 + 4 * m
     bw = nbytes / (fused_ms * 1e-3)
     extra = {}
@@ -194,7 +202,8 @@ def quant_row(m: int, k: int, ceilings: dict[str, float]) -> dict[str, float]:
         extra = {"other_precision": other, "other_us": bench(
             [lambda x=x: triton_quant.hadamard_quantize(x, None, 4, 0.9, precision=other) for x in xs]) * 1e3,
                  "other_code_mismatches": int((q2 != ref_q).sum()), "other_scales_equal": bool(torch.equal(s2, ref_s))}
-    return {**extra, "M": m, "K": k, "fused_us": fused_ms * 1e3, "unfused_torch_us": unfused_ms * 1e3,
+    return {**extra, "M": m, "K": k, "fused_us": fused_ms * 1e3, "centered_us": centered_ms * 1e3,
+            "unfused_torch_us": unfused_ms * 1e3,
             "gb_per_s": bw / 1e9, "hbm_fraction": bw / ceilings["hbm_bytes_per_s"],
             "code_mismatches": mismatch, "scales_equal": bool(torch.equal(s, ref_s)),
             "plan": asdict(triton_quant.row_plan(k, None))}
@@ -268,17 +277,18 @@ def markdown(result: dict) -> str:
                 f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOPS.")
     lines = [f"# Kernel benchmark on {result['device']}", "", ceilings, ""]
     lines += _header("M", "N", "K", "W4A4 µs", "TOPS", "GB/s", "bf16 µs", "int_mm µs", "vs bf16", "vs int_mm",
-                     "roofline µs", "of roofline")
+                     "roofline µs", "of roofline", "int8-weight W4A4 µs")
     for r in result["gemm"]:
         lines.append(f"| {r['M']} | {r['N']} | {r['K']} | {r['w4a4_us']:.1f} | {r['w4a4_tops']:.0f} | "
                      f"{r['w4a4_gb_per_s']:.0f} | {r['bf16_us']:.1f} | {r['int_mm_us']:.1f} | "
                      f"{r['speedup_vs_bf16']:.2f}x | {r['speedup_vs_int_mm']:.2f}x | "
-                     f"{r['roofline_us']:.1f} | {r['roofline_fraction']:.0%} |")
+                     f"{r['roofline_us']:.1f} | {r['roofline_fraction']:.0%} | {r['int8_weights_us']:.1f} |")
     lines += ["", *_header("M", "K", "fused Hadamard+quant µs", "GB/s", "of HBM copy", "unfused torch µs",
-                           "code mismatches")]
+                           "code mismatches", "centered (asymmetric) µs")]
     for r in result["quant"]:
         lines.append(f"| {r['M']} | {r['K']} | {r['fused_us']:.1f} | {r['gb_per_s']:.0f} | "
-                     f"{r['hbm_fraction']:.0%} | {r['unfused_torch_us']:.1f} | {r['code_mismatches']} |")
+                     f"{r['hbm_fraction']:.0%} | {r['unfused_torch_us']:.1f} | {r['code_mismatches']} | "
+                     f"{r['centered_us']:.1f} |")
     if result.get("sweep"):
         lines += ["", *_header("bucket", "M", "N", "K", "config (BM, BN, BK, warps, stages)", "W4A4 µs")]
         for r in result["sweep"]:
