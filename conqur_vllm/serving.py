@@ -22,6 +22,41 @@ from conqur_vllm.config import ConqurQuantConfig
 from conqur_vllm.vllm_compat import ensure_vllm_distribution
 
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+# The leader of a new process group that runs the command as its child. Linux sends it SIGTERM when the process
+# that started it dies (parent-death signal), and SIGTERM from anywhere stops the whole group: the command and
+# the workers it started, after a grace period with SIGKILL. A launcher, not ``preexec_fn`` (unsafe with threads).
+_TIED_LAUNCHER = """import ctypes, os, signal, subprocess, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+stopped = False
+def stop(*_):
+    global stopped
+    stopped = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, lambda *_: os.killpg(0, signal.SIGKILL))
+    signal.alarm(30)
+    os.killpg(0, signal.SIGTERM)
+signal.signal(signal.SIGTERM, stop)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(143)
+child = subprocess.Popen(sys.argv[2:])
+if stopped:
+    os.killpg(0, signal.SIGTERM)
+code = child.wait()
+sys.exit(143 if stopped else code)
+"""
+
+
+def start_tied_process(cmd: list[str], env: dict[str, str] | None = None, stdout=None) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, under a launcher that stops the group (``cmd`` and the workers it
+    starts) on SIGTERM and also when this process dies without stopping it, e.g. killed by a timeout: a server
+    left behind would keep its port and its GPU memory. The returned process is the launcher; it exits with
+    ``cmd``'s status."""
+    launcher = [sys.executable, "-c", _TIED_LAUNCHER, str(os.getpid())]
+    return subprocess.Popen(launcher + list(cmd), env=env, stdout=stdout,
+                            stderr=subprocess.STDOUT if stdout is not None else None, start_new_session=True)
 
 
 def _has_flag(args: list[str], flag: str) -> bool:
@@ -82,8 +117,7 @@ class RunningServer:
 
     def __enter__(self) -> Self:
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = start_tied_process(self.cmd, env=server_env(), stdout=log)
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
