@@ -60,7 +60,7 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
                         "asymmetric)")
     p.add_argument("--gptq-damp", type=float, default=None,
                    help="GPTQ's damping of each decoder linear's Hessian, a multiple of its mean diagonal "
-                        "(default: the measured value in the Python API's CalibrationOptions)")
+                        "(default 0.01, as in the reference GPTQ)")
     p.add_argument("--embed-bits", type=int, choices=[4, 8, 16], default=4,
                    help="token embedding weights (weight-only; 16 = unquantized)")
     p.add_argument("--head-bits", type=int, choices=[4, 8, 16], default=4,

@@ -270,15 +270,18 @@ def test_device_option_is_checked_before_any_work(tmp_path, capsys):
         assert not (tmp_path / "y").exists()
 
 
-def test_layer_inputs_and_keywords_move_to_the_compute_device():
-    from conqur_vllm.calibration.layerwise import to_device
+def test_gptq_inputs_and_layer_keywords_are_captured_on_the_compute_device():
+    from conqur_vllm.calibration.layerwise import capture_layer_inputs
+    from conqur_vllm.models.adapters import get_adapter
+    from tests.tiny_models import tiny_model
 
-    rope = (torch.randn(1, 8, 4) + 1, torch.randn(1, 8, 4) + 1)
-    moved = to_device({"position_embeddings": rope, "ids": [torch.arange(1, 9)], "use_cache": False,
-                       "mask": None}, torch.device("meta"))
-    assert all(t.is_meta for t in (*moved["position_embeddings"], *moved["ids"]))
-    assert isinstance(moved["position_embeddings"], tuple) and moved["position_embeddings"][0].shape == (1, 8, 4)
-    assert moved["use_cache"] is False and moved["mask"] is None
+    model = tiny_model("llama")  # on the CPU; the "compute device" here is meta
+    ids = [torch.randint(1, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))]
+    hidden, kwargs = capture_layer_inputs(model, get_adapter(model.config), ids, torch.device("meta"))
+    assert len(hidden) == 1 and hidden[0].is_meta and hidden[0].shape == (2, 8, model.config.hidden_size)
+    rope = kwargs["position_embeddings"]
+    assert isinstance(rope, tuple) and all(t.is_meta for t in rope)
+    assert kwargs["use_cache"] is False and next(model.parameters()).device.type == "cpu"
 
 
 @pytest.mark.gpu
@@ -291,7 +294,7 @@ def test_cuda_weight_quantization_matches_cpu(tiny_llama_dir, text_file, tmp_pat
     cpu, cuda = (read_checkpoint_tensors(outs[d]) for d in ("cpu", "cuda"))
     assert cpu.keys() == cuda.keys()
     for name, t in cpu.items():
-        assert cuda[name].device.type == "cpu" and cuda[name].dtype == t.dtype
+        assert cuda[name].dtype == t.dtype
         if name.endswith("weight_packed"):  # GPTQ in float64 on either device: codes may flip only at ties
             assert (cuda[name] != t).double().mean() < 0.01, name
 

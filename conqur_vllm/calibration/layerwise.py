@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -68,17 +69,6 @@ def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def to_device(obj, device: torch.device):
-    """``obj`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(v, device) for v in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _on_cpu(qt: QuantizedTensor) -> QuantizedTensor:
     return QuantizedTensor(qt.q.cpu(), qt.scale.cpu(), None if qt.zero is None else qt.zero.cpu(), qt.spec)
 
@@ -106,7 +96,7 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
     finally:
         handle.remove()
     captured = [h.to(device) for h in captured]
-    kwargs_seen = to_device(kwargs_seen, device)
+    kwargs_seen = send_to_device(kwargs_seen, device)
     kwargs_seen["use_cache"] = False
     if isinstance(kwargs_seen.get("position_embeddings"), tuple):  # same positions in every batch: broadcast
         kwargs_seen["position_embeddings"] = tuple(t[:1] for t in kwargs_seen["position_embeddings"])
@@ -214,9 +204,10 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
                 hidden, kwargs = capture_layer_inputs(model, adapter, calib_batches[:1] if resume_hidden
                                                       else calib_batches, device)
                 if inputs == "asymmetric":
-                    reference = list(hidden) if resume_reference is None else to_device(resume_reference, device)
+                    reference = (list(hidden) if resume_reference is None
+                                 else send_to_device(resume_reference, device))
                 if resume_hidden is not None:
-                    hidden = to_device(resume_hidden, device)
+                    hidden = send_to_device(resume_hidden, device)
         bar = tqdm(range(start_layer, len(layers)), desc=f"{method} layers", disable=not progress)
         for li in bar:
             t0 = time.perf_counter()
@@ -247,8 +238,8 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
             if progress:
                 bar.write(report.line())
             if on_layer is not None:
-                on_layer(li, qts, report, to_device(hidden, torch.device("cpu")),
-                         to_device(reference, torch.device("cpu")))
+                on_layer(li, qts, report, send_to_device(hidden, torch.device("cpu")),
+                         send_to_device(reference, torch.device("cpu")))
             if device != home:
                 layers[li].to(home)
     finally:

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from conqur_vllm import fake_quant
+from conqur_vllm.calibration.layerwise import module_device
 from conqur_vllm.calibration.options import ConqurOptions
 from conqur_vllm.models.adapters import ModelAdapter
 from conqur_vllm.quant import QuantSpec
@@ -203,7 +204,7 @@ def learn_rotations(model: nn.Module, adapter: ModelAdapter, rot: Rotations, bat
 
     recorder = _SiteRecorder(model, adapter, n_kv, hd, opts.max_vectors, center=bool(opts.center))
     decoder = model.get_decoder()  # hidden states only: the LM head's logits are not needed here
-    device = next(model.parameters()).device
+    device = module_device(model)
     # the embedding (vocab x d) is rotated on its output while learning and fused once at the end
     pending = torch.eye(cfg.hidden_size, dtype=torch.float64)
     pending32 = [pending.float()]
