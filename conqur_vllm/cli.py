@@ -58,6 +58,9 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
                    help="what GPTQ's Hessians see: activations unquantized (QuaRot's way), the served model's "
                         "quantized inputs, or those aiming at the full-precision model's outputs (default: "
                         "asymmetric)")
+    p.add_argument("--gptq-residual-target", action=argparse.BooleanOptionalAction, default=None,
+                   help="asymmetric GPTQ: o_proj and down_proj also aim at the residual stream's accumulated error "
+                        "(default: on with --gptq-inputs asymmetric)")
     p.add_argument("--gptq-damp", type=float, default=None,
                    help="GPTQ's damping of each decoder linear's Hessian, a multiple of its mean diagonal "
                         "(default 0.01, as in the reference GPTQ)")
@@ -126,6 +129,7 @@ def _build_options(args):
     conqur = _conqur_options(args)
     given = {name: value for name, value in (("a_clip", args.a_clip), ("kv_clip", args.kv_clip),
                                              ("gptq_inputs", args.gptq_inputs), ("gptq_damp", args.gptq_damp),
+                                             ("gptq_residual_target", args.gptq_residual_target),
                                              ("weight_symmetric", args.weight_symmetric),
                                              ("smooth", args.smooth), ("layer_clips", args.layer_clips))
              if value is not None}

@@ -35,20 +35,34 @@ class HessianAccumulator:
 class CrossAccumulator(HessianAccumulator):
     """``H`` of the inputs the quantized model feeds a linear and the cross moment ``C = 2/n sum x_ref x^T`` with
     the full-precision model's inputs at the same tokens, for GPTQ's asymmetric target (:func:`fp_target_weight`).
+    With ``residual_error`` batches it also keeps ``E = 2/n sum e x^T`` (``[out, in]``), ``e`` the error of the
+    residual stream the linear's output is added to (reference minus quantized) at the same tokens.
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         super().__init__(in_features, device)
         self.cross = torch.zeros_like(self.hessian)
+        self.residual: Tensor | None = None
 
-    def add_pair(self, x_ref: Tensor, x: Tensor) -> None:
-        """Fold in one batch: ``x`` what the quantized model feeds the weight, ``x_ref`` the reference model's."""
+    def add_pair(self, x_ref: Tensor, x: Tensor, residual_error: Tensor | None = None) -> None:
+        """Fold in one batch: ``x`` what the quantized model feeds the weight, ``x_ref`` the reference model's,
+        ``residual_error`` (optional, ``[..., out]``) the residual stream's error at the same tokens."""
         dtype = torch.float64 if x.dtype == x_ref.dtype == torch.float64 else torch.float32  # as ``add``
         x_ref = x_ref.detach().reshape(-1, x_ref.shape[-1]).to(dtype)
+        x_flat = x.detach().reshape(-1, x.shape[-1]).to(dtype)
         n = x_ref.shape[0]
         self.cross *= self.count / (self.count + n)
-        self.cross += (x_ref.T @ x.detach().reshape(-1, x.shape[-1]).to(dtype)).to(torch.float64) * (
-            2.0 / (self.count + n))
+        self.cross += (x_ref.T @ x_flat).to(torch.float64) * (2.0 / (self.count + n))
+        if residual_error is not None:
+            e = residual_error.detach().reshape(n, -1).to(dtype)
+            if self.residual is None:
+                if self.count:
+                    raise ValueError("residual_error must come with every batch or with none")
+                self.residual = torch.zeros(e.shape[1], x_flat.shape[1], dtype=torch.float64, device=x_flat.device)
+            self.residual *= self.count / (self.count + n)
+            self.residual += (e.T @ x_flat).to(torch.float64) * (2.0 / (self.count + n))
+        elif self.residual is not None:
+            raise ValueError("residual_error must come with every batch or with none")
         self.add(x)
 
 
@@ -56,15 +70,20 @@ GPTQ_DAMP = 0.01  # GPTQ's damping of H (x mean diag H), as in the reference imp
 TARGET_DAMP = 3.0  # measured: ridge 1-3 wins on the selection text, 0.1 overfits, 10 drifts back to W
 
 
-def fp_target_weight(w: Tensor, hessian: Tensor, cross: Tensor, damp: float = TARGET_DAMP) -> Tensor:
+def fp_target_weight(w: Tensor, hessian: Tensor, cross: Tensor, damp: float = TARGET_DAMP,
+                     residual: Tensor | None = None) -> Tensor:
     """The weight that best maps the quantized model's inputs onto the reference outputs, kept near ``w`` where
     the inputs say little: ``argmin_V sum ||V x - W x_ref||^2 + lam ||V - W||^2 = W (C + lam I)(H + lam I)^-1``
     with ``lam = damp * mean(diag H)`` (float64). GPTQ of this weight against ``H`` then minimizes
     ``sum ||Q x - V x||^2``, which differs from ``sum ||Q x - W x_ref||^2`` by a constant when ``lam = 0`` (the
-    least-squares residual is orthogonal to the inputs); the ridge trades that exactness for generalization."""
+    least-squares residual is orthogonal to the inputs); the ridge trades that exactness for generalization.
+    With ``residual`` (``E`` of :class:`CrossAccumulator`) the outputs also aim at the residual stream's error,
+    target ``W x_ref + e``: ``V (H + lam I) = W (C + lam I) + E``."""
     h = hessian.to(torch.float64)
     lam = damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     rhs = w.to(torch.float64) @ (cross.to(torch.float64) + lam)  # [out, in]; V (H + lam) = W (C + lam)
+    if residual is not None:
+        rhs = rhs + residual.to(torch.float64)
     return torch.linalg.solve(h + lam, rhs.T).T
 
 

@@ -113,17 +113,22 @@ def test_served_inputs_change_the_weights_and_asymmetric_tracks_the_fp_model(tin
     assert errors["asymmetric"] < errors["fp-activations"], errors
 
 
-def test_quantized_inputs_are_read_one_group_after_another(tiny_llama_dir, text_file):
-    """o_proj's Hessian comes from the attention outputs of the already-quantized q/k/v weights (as it will be
-    fed when served), not from those of the full-precision ones."""
-    from conqur_vllm.calibration import layerwise
-
+def _quantizer_wrapped_tiny(tiny_llama_dir, text_file):
+    """The tiny Llama rotated (QuaRot) and wrapped in its quantizers, with two calibration batches."""
     model, tok = pipeline.load_model(tiny_llama_dir)
     opts = CalibrationOptions(calib_text=str(text_file), method="quarot", a_clip=0.9, **FAST)
     adapter = get_adapter(model.config)
     pipeline.apply_rotations(model, adapter, pipeline.initial_rotations(model, opts))
     pipeline.set_quantizers(model, opts, r3=True)
-    batches = pipeline.calibration_batches(tok, text_file.read_text(), 8, 64, 4, 0)
+    return model, adapter, opts, pipeline.calibration_batches(tok, text_file.read_text(), 8, 64, 4, 0)
+
+
+def test_quantized_inputs_are_read_one_group_after_another(tiny_llama_dir, text_file):
+    """o_proj's Hessian comes from the attention outputs of the already-quantized q/k/v weights (as it will be
+    fed when served), not from those of the full-precision ones."""
+    from conqur_vllm.calibration import layerwise
+
+    model, adapter, opts, batches = _quantizer_wrapped_tiny(tiny_llama_dir, text_file)
     o_proj = adapter.input_groups[1][0]
     layer0 = adapter.decoder_layers(model)[0]
 
@@ -278,3 +283,133 @@ def test_replayed_sublayers_give_the_codes_of_full_recomputation(inputs, monkeyp
     assert replayed.keys() == recomputed.keys() and len(replayed) == 14
     for name, qt in replayed.items():
         assert torch.equal(qt.q, recomputed[name].q) and torch.equal(qt.scale, recomputed[name].scale), name
+
+
+def test_cross_moments_keep_the_residual_error_moment() -> None:
+    x_ref, x = _paired_inputs(3000, 40, seed=5)
+    e = torch.randn(3000, 24, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    acc = CrossAccumulator(40)
+    for a, b, c in zip(x_ref.split([1000, 7, 1993]), x.split([1000, 7, 1993]), e.split([1000, 7, 1993]),
+                       strict=True):
+        acc.add_pair(a.float().view(1, -1, 40), b.float().view(1, -1, 40), c.float().view(1, -1, 24))
+    expected = 2.0 / 3000 * e.T @ x
+    assert acc.residual.shape == (24, 40)
+    assert float((acc.residual - expected).norm() / expected.norm()) < 1e-6
+    with pytest.raises(ValueError, match="every batch or with none"):
+        acc.add_pair(x_ref[:5], x[:5])
+    plain = CrossAccumulator(40)
+    plain.add_pair(x_ref[:5], x[:5])
+    with pytest.raises(ValueError, match="every batch or with none"):
+        plain.add_pair(x_ref[5:9], x[5:9], e[5:9])
+
+
+def test_residual_target_weight_is_the_least_squares_map_onto_output_plus_error() -> None:
+    x_ref, x = _paired_inputs(4000, 32, seed=7)
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    e = 0.3 * torch.randn(4000, 12, generator=torch.Generator().manual_seed(9), dtype=torch.float64) + x @ (
+        0.05 * torch.randn(32, 12, generator=torch.Generator().manual_seed(10), dtype=torch.float64))
+    acc = CrossAccumulator(32)
+    acc.add_pair(x_ref, x, e)
+    v = fp_target_weight(w, acc.hessian, acc.cross, damp=0.0, residual=acc.residual)
+    reference = torch.linalg.lstsq(x, x_ref @ w.T + e).solution.T
+    assert float((v - reference).norm() / reference.norm()) < 1e-8
+    without = fp_target_weight(w, acc.hessian, acc.cross, damp=0.0)
+    assert float((v - without).norm() / without.norm()) > 1e-2
+
+
+def test_writers_aim_at_the_residual_error_of_the_quantized_stream(tiny_llama_dir, text_file):
+    """Layer 0: both streams enter equal, so o_proj's error moment is zero; down_proj's is the moment of the
+    error the quantized attention left in the residual, against down_proj's quantized-stream inputs."""
+    import copy
+
+    from conqur_vllm.calibration import layerwise
+
+    model, adapter, opts, batches = _quantizer_wrapped_tiny(tiny_llama_dir, text_file)
+    layer0 = adapter.decoder_layers(model)[0]
+    fp_layer0 = copy.deepcopy(layer0)
+    recorded = {}
+    original = layerwise.quantize_group
+
+    def spy(layer, adapter_, group, *args, **kw):
+        if layer is layer0:
+            residual = kw["moments"].residual
+            recorded[group[0]] = None if residual is None else residual.clone()
+        return original(layer, adapter_, group, *args, **kw)
+
+    layerwise.quantize_group = spy
+    try:
+        quantize_weights(model, adapter, pipeline.weight_spec(opts), calib_batches=batches, inputs="asymmetric",
+                         residual_target=True, progress=False)
+    finally:
+        layerwise.quantize_group = original
+    readers = [g[0] for g in adapter.input_groups if g[0] not in (adapter.o_proj, adapter.down_proj)]
+    assert all(recorded[p] is None for p in readers)
+    assert float(recorded[adapter.o_proj].abs().max()) == 0.0
+
+    hidden, kwargs = layerwise.capture_layer_inputs(model, adapter, batches, torch.device("cpu"))
+    for m in fp_layer0.modules():
+        if isinstance(m, fake_quant.QuantLinear):
+            m.act = fake_quant.ActQuant(bits=None)
+    fp_attention = fp_layer0.get_submodule(adapter.attention)
+    fp_attention.conqur_attention = fake_quant.AttentionSim(r3=fp_attention.conqur_attention.r3)
+    mids: dict[str, list[torch.Tensor]] = {"fp": [], "q": []}
+    inputs: list[torch.Tensor] = []
+    down = fake_quant.quant_linears(layer0, adapter)[adapter.down_proj]
+    down.input_observer = inputs.append
+    handles = [lay.get_submodule(adapter.mlp_norm).register_forward_pre_hook(
+        lambda _m, args, key=key: mids[key].append(args[0].detach())) for lay, key in ((fp_layer0, "fp"), (layer0, "q"))]
+    try:
+        with torch.no_grad():
+            for h in hidden:
+                fp_layer0(h, **kwargs)
+                layer0(h, **kwargs)
+    finally:
+        down.input_observer = None
+        for handle in handles:
+            handle.remove()
+    e = torch.cat([(f - q).reshape(-1, f.shape[-1]) for f, q in zip(mids["fp"], mids["q"], strict=True)]).double()
+    x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]).double()
+    expected = 2.0 / x.shape[0] * e.T @ x
+    got = recorded[adapter.down_proj]
+    assert float(expected.norm()) > 0
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_residual_targets_bring_the_quantized_stream_closer_to_full_precision(tiny_llama_dir, text_file):
+    """Each layer's output on the quantized stream is compared with the full-precision stream's (what
+    ``LayerReport.output_rel_error`` reports): with residual targets the writers cancel part of the error
+    accumulated before them (down_proj already that of the first layer's attention), so it is lower after every
+    layer, and the logits follow the full-precision model more closely."""
+    fp_model, tok = pipeline.load_model(tiny_llama_dir)
+    opts = CalibrationOptions(calib_text=str(text_file), method="quarot", a_clip=0.9, **FAST)
+    assert opts.gptq_residual_target  # the default with asymmetric inputs
+    batches = pipeline.calibration_batches(tok, text_file.read_text(), opts.samples, opts.seq_len, 4, opts.seed)
+    errors, models = {}, {}
+    for on in (True, False):
+        model, _ = pipeline.load_model(tiny_llama_dir)
+        adapter = get_adapter(model.config)
+        pipeline.apply_rotations(model, adapter, pipeline.initial_rotations(model, opts))
+        pipeline.set_quantizers(model, opts, r3=True)
+        reports: list = []
+        quantize_weights(model, adapter, pipeline.weight_spec(opts), calib_batches=batches, inputs="asymmetric",
+                         residual_target=on, progress=False,
+                         on_layer=lambda i, q, r, h, ref, into=reports: into.append(r))
+        errors[on], models[on] = [r.output_rel_error for r in reports], model
+    assert len(errors[True]) >= 2
+    assert all(a < b for a, b in zip(errors[True], errors[False], strict=True)), errors
+    logits = {on: _output_error(m, fp_model, batches) for on, m in models.items()}
+    assert logits[True] < logits[False], logits
+
+
+def test_residual_target_option_needs_asymmetric_inputs(tmp_path):
+    from conqur_vllm.cli import _options, build_parser
+
+    assert not CalibrationOptions(gptq_inputs="quantized").gptq_residual_target
+    with pytest.raises(ValueError, match="needs gptq_inputs='asymmetric'"):
+        CalibrationOptions(gptq_inputs="fp-activations", gptq_residual_target=True)
+    args = build_parser().parse_args(["calibrate", "-o", str(tmp_path / "o"), "--no-gptq-residual-target"])
+    assert _options(args).gptq_residual_target is False
+    bad = subprocess.run([sys.executable, "-m", "conqur_vllm.cli", "calibrate", "-o", str(tmp_path / "o"),
+                          "--gptq-inputs", "quantized", "--gptq-residual-target"],
+                         check=False, capture_output=True, text=True)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "gptq_residual_target" in bad.stderr

@@ -13,7 +13,9 @@ GPTQ's Hessians see is ``GptqInputs``:
 - ``asymmetric`` (the calibrator's default): the same inputs, but the target is the full-precision model's
   output at the same tokens (a second, unquantized stream): GPTQ of ``W (C + lam I)(H + lam I)^-1``
   (:func:`conqur_vllm.gptq.fp_target_weight`), so every group's weights also absorb the activation and upstream
-  error they can.
+  error they can. With ``residual_target`` the residual writers (o_proj, down_proj) aim at the full-precision
+  output plus the residual stream's error at their tokens, so the stream itself is pulled back towards the
+  full-precision one after every sublayer.
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def quantize_group(layer: nn.Module, adapter: ModelAdapter, group: list[str], sp
     stacked = torch.cat([w.detach() for w in weights]).to(torch.float64)
     if method == "gptq":
         if isinstance(moments, CrossAccumulator):
-            stacked = fp_target_weight(stacked, moments.hessian, moments.cross, damp=target_damp)
+            stacked = fp_target_weight(stacked, moments.hessian, moments.cross, damp=target_damp,
+                                       residual=moments.residual)
         qt = gptq_quantize(stacked, moments.hessian, spec, clip_search=clip_search, damp=damp)
     else:
         qt = quantize_weight_rtn(stacked.float(), spec, clip_search=clip_search)
@@ -158,6 +161,7 @@ def quantize_group(layer: nn.Module, adapter: ModelAdapter, group: list[str], sp
 def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *, method: str = "gptq",
                      calib_batches: list[torch.Tensor] | None = None, clip_search: bool = True,
                      inputs: GptqInputs = "fp-activations", target_damp: float = TARGET_DAMP,
+                     residual_target: bool = False,
                      damp: float = GPTQ_DAMP, device: torch.device | str = "cpu", progress: bool = True,
                      on_layer: Callable[[int, dict[str, QuantizedTensor], LayerReport, list | None, list | None],
                                         None] | None = None,
@@ -167,7 +171,9 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
     """Quantize every decoder linear; returns ``{"<layers>.<i>.<path>": QuantizedTensor}``.
 
     ``inputs`` says what GPTQ's Hessians see (module docstring); ``target_damp`` is the asymmetric target's ridge
-    weight (:func:`conqur_vllm.gptq.fp_target_weight`), ``damp`` GPTQ's own damping of the Hessian.
+    weight (:func:`conqur_vllm.gptq.fp_target_weight`), ``damp`` GPTQ's own damping of the Hessian;
+    ``residual_target`` (``asymmetric`` only): the writers o_proj and down_proj also aim at the error the
+    quantized stream's residual has accumulated, so their outputs pull it back towards the full-precision one.
     ``on_layer(index, qweights, report, hidden, reference)`` is called after each layer (for checkpointing
     progress) with the hidden states leaving it (the stream the next layer's Hessians read) and, for
     ``asymmetric``, the full-precision stream;
@@ -178,6 +184,8 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
         raise ValueError(f"weight quantizer {method!r} is unknown; use 'gptq' or 'rtn'")
     if inputs not in ("fp-activations", "quantized", "asymmetric"):
         raise ValueError(f"GPTQ inputs {inputs!r} are unknown; use 'fp-activations', 'quantized' or 'asymmetric'")
+    if residual_target and inputs != "asymmetric":
+        raise ValueError(f"residual targets need asymmetric GPTQ inputs (got {inputs!r})")
     if inputs == "asymmetric" and resume_hidden is not None and resume_reference is None:
         raise ValueError("resuming asymmetric GPTQ needs the full-precision stream (resume_reference)")
     device = torch.device(device)
@@ -215,7 +223,8 @@ def quantize_weights(model: nn.Module, adapter: ModelAdapter, spec: QuantSpec, *
             hessians, err, target = None, None, None
             if method == "gptq" and stream_quantized:
                 qts, target, hidden = _gptq_layer_sequential(layer, adapter, spec, hidden, reference, kwargs,
-                                                             quantizers, clip_search, target_damp, damp)
+                                                             quantizers, clip_search, target_damp, damp,
+                                                             residual_target=residual_target)
             else:
                 if method == "gptq":
                     hessians, target = _collect_hessians(layer, adapter, hidden, kwargs)
@@ -266,14 +275,16 @@ def _collect_hessians(layer: nn.Module, adapter: ModelAdapter, hidden: list[torc
     return accs, fp_out
 
 
-def _stopping_observer(moments: HessianAccumulator, reference: torch.Tensor | None) -> Callable:
-    """Fold the observed input (paired with ``reference``, when given) into ``moments``, then stop the forward:
-    nothing after this input is needed."""
+def _stopping_observer(moments: HessianAccumulator, reference: torch.Tensor | None,
+                       residual_error: Callable[[], torch.Tensor] | None = None) -> Callable:
+    """Fold the observed input (paired with ``reference``, when given, and with the residual stream's error that
+    ``residual_error()`` returns at that moment) into ``moments``, then stop the forward: nothing after this
+    input is needed."""
     def observe(x: torch.Tensor) -> None:
         if reference is None:
             moments.add(x)
         else:
-            moments.add_pair(reference, x)
+            moments.add_pair(reference, x, None if residual_error is None else residual_error())
         raise _StopForward
     return observe
 
@@ -326,9 +337,33 @@ class SublayerReplay:
             del self.sublayer.forward
 
 
+@contextmanager
+def _recording_mlp_residual(layer: nn.Module, adapter: ModelAdapter, into: list[torch.Tensor]) -> Iterator[None]:
+    """Append the residual stream entering the MLP (the input of its norm, which down_proj's output joins) at
+    every forward of ``layer``."""
+    norm = layer.get_submodule(adapter.mlp_norm)
+    handle = norm.register_forward_pre_hook(lambda _m, args: into.append(args[0].detach()))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _residual_error(writer: str, adapter: ModelAdapter, input_error: torch.Tensor, mid_reference: torch.Tensor,
+                    mid_quantized: list[torch.Tensor]) -> Callable[[], torch.Tensor] | None:
+    """The residual error a writer's output joins, read when its input is observed: the layer inputs' for
+    o_proj, that of the residual entering the MLP (recorded moments before, in this forward) for down_proj."""
+    if writer == adapter.o_proj:
+        return lambda: input_error
+    if writer == adapter.down_proj:
+        return lambda: mid_reference - mid_quantized.pop()
+    return None
+
+
 def _gptq_layer_sequential(layer: nn.Module, adapter: ModelAdapter, spec: QuantSpec, hidden: list[torch.Tensor],
                            reference: list[torch.Tensor] | None, kwargs: dict, quantizers: Callable[[bool], None],
-                           clip_search: bool, target_damp: float = TARGET_DAMP, damp: float = GPTQ_DAMP
+                           clip_search: bool, target_damp: float = TARGET_DAMP, damp: float = GPTQ_DAMP,
+                           residual_target: bool = False
                            ) -> tuple[dict[str, QuantizedTensor], list[torch.Tensor], list[torch.Tensor]]:
     """GPTQ of one layer on the quantized stream, one input group after another (each group's inputs are read
     with the groups before it already quantized, so o_proj and down_proj see what they will be fed).
@@ -338,16 +373,24 @@ def _gptq_layer_sequential(layer: nn.Module, adapter: ModelAdapter, spec: QuantS
     then aims at the full-precision outputs of its inputs. Without: the target is the layer's outputs before
     quantization on the quantized stream. Passes after o_proj's replay the attention, and the pass for the
     next layer's inputs the MLP as well (:class:`SublayerReplay`).
+    With ``residual_target`` (needs ``reference``) the writers' targets add the residual stream's error at the
+    tokens they write to (full-precision minus quantized: the layer inputs for o_proj, the residual entering the
+    MLP for down_proj), so the quantized stream leaves each sublayer as close to the full-precision one as the
+    writer can bring it.
     Returns the codes, the target outputs and the quantized layer's outputs (the next layer's inputs)."""
     qlins = fake_quant.quant_linears(layer, adapter)
     heads = [group[0] for group in adapter.input_groups]
     kept: dict[str, list[torch.Tensor]] = {p: [] for p in heads}
+    residual_errors = residual_target and reference is not None
+    mid_reference: list[torch.Tensor] = []  # the full-precision residual entering the MLP, per batch
     try:
         if reference is not None:
             for p in heads:
                 qlins[p].input_observer = kept[p].append
         quantizers(reference is None)
-        with torch.no_grad():
+        with ExitStack() as stack, torch.no_grad():
+            if residual_errors:
+                stack.enter_context(_recording_mlp_residual(layer, adapter, mid_reference))
             target = [_layer_forward(layer, r, kwargs) for r in (reference if reference is not None else hidden)]
     finally:
         for p in heads:
@@ -360,17 +403,23 @@ def _gptq_layer_sequential(layer: nn.Module, adapter: ModelAdapter, spec: QuantS
         head = qlins[group[0]]
         moments = (CrossAccumulator if reference is not None else HessianAccumulator)(
             head.linear.in_features, device=head.linear.weight.device)
+        mid_quantized: list[torch.Tensor] = []
         with ExitStack() as stack:
             if attention.raw:  # q/k/v are quantized and o_proj's inputs recorded
                 stack.enter_context(attention.replaying())
             for replay, writer in ((attention, adapter.o_proj), (mlp, adapter.down_proj)):
                 if group[0] == writer:
                     stack.enter_context(replay.recording())
+            if residual_errors and group[0] == adapter.down_proj:
+                stack.enter_context(_recording_mlp_residual(layer, adapter, mid_quantized))
             for b, h in enumerate(hidden):
                 for replay in replays:
                     replay.batch = b
+                error = (_residual_error(group[0], adapter, reference[b] - h, mid_reference[b], mid_quantized)
+                         if residual_errors else None)
                 head.input_observer = _stopping_observer(moments,
-                                                         kept[group[0]][b] if reference is not None else None)
+                                                         kept[group[0]][b] if reference is not None else None,
+                                                         error)
                 try:
                     with torch.no_grad():
                         _layer_forward(layer, h, kwargs)

@@ -64,6 +64,10 @@ class CalibrationOptions(BaseModel):
     gptq_target_damp: float = Field(
         default=TARGET_DAMP, gt=0.0, description="asymmetric GPTQ: ridge weight (x mean diag H) keeping the target weight "
                                          "near the original where the calibration inputs say little")
+    gptq_residual_target: bool | None = Field(
+        default=None, description="asymmetric GPTQ: the writers (o_proj, down_proj) also aim at the residual "
+                                  "stream's accumulated error (full-precision minus quantized), pulling the quantized "
+                                  "stream back; None (measured default): on with asymmetric inputs")
     gptq_damp: float = Field(
         default=GPTQ_DAMP, gt=0.0, description="GPTQ's damping of each decoder linear's Hessian (x mean diag H) "
                                                "before its column sweep")
@@ -125,7 +129,8 @@ class CalibrationOptions(BaseModel):
     def _resolve_forward(self) -> CalibrationOptions:
         """``conqur.quantized_forward=None`` becomes True for RTN weights and False for GPTQ, ``weight_symmetric=None``
         False for 4-bit RTN weights only, ``smooth=None`` down for 4-bit activations except for QuaRot with GPTQ, ``layer_clips=None`` on with an
-        automatic ``a_clip`` except for QuaRot with GPTQ, ``conqur.center=None``
+        automatic ``a_clip`` except for QuaRot with GPTQ, ``gptq_residual_target=None`` on with asymmetric GPTQ
+        inputs, ``conqur.center=None``
         follows ``a_shift`` (measured defaults)."""
         if self.conqur.quantized_forward is None:
             forward = self.weight_quantizer == "rtn"
@@ -140,6 +145,11 @@ class CalibrationOptions(BaseModel):
             self.smooth = "none" if worse else "down"
         if self.layer_clips is None:  # measured: per-input ratios beat the model-wide one, except for QuaRot + GPTQ
             self.layer_clips = self.a_clip == "auto" and not (self.method == "quarot" and self.weight_quantizer == "gptq")
+        if self.gptq_residual_target is None:  # measured: see benchmarks/RESULTS.md
+            self.gptq_residual_target = self.gptq_inputs == "asymmetric"
+        elif self.gptq_residual_target and self.gptq_inputs != "asymmetric":
+            raise ValueError(f"gptq_residual_target needs gptq_inputs='asymmetric' (got {self.gptq_inputs!r}); "
+                             "drop the residual target or use asymmetric inputs")
         if self.conqur.center is None:  # measured: with shifted inputs, centered corners win on every seed
             self.conqur = self.conqur.model_copy(update={"center": self.a_shift and self.a_bits < 16})
         return self

@@ -279,7 +279,8 @@ def calibrate_model(model: nn.Module, tokenizer, opts: CalibrationOptions, calib
 
         qweights = quantize_weights(model, adapter, spec, method=opts.weight_quantizer, calib_batches=batches,
                                     clip_search=opts.clip_search, inputs=opts.gptq_inputs,
-                                    target_damp=opts.gptq_target_damp, damp=opts.gptq_damp, device=opts.device,
+                                    target_damp=opts.gptq_target_damp,
+                                    residual_target=opts.gptq_residual_target, damp=opts.gptq_damp, device=opts.device,
                                     progress=progress, on_layer=keep_hidden)
         qweights.update(quantize_vocab(model, adapter, opts, final_hidden=last_hidden))
         times["quantize_weights"] = time.perf_counter() - t0

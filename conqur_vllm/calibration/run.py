@@ -114,6 +114,7 @@ def calibrate(model_dir: str | Path | None, out_dir: str | Path, options: Calibr
             qweights.update(quantize_weights(
                 model, adapter, pipeline.weight_spec(opts), method=opts.weight_quantizer, calib_batches=batches,
                 clip_search=opts.clip_search, inputs=opts.gptq_inputs, target_damp=opts.gptq_target_damp,
+                residual_target=opts.gptq_residual_target,
                 damp=opts.gptq_damp, device=opts.device, progress=progress,
                 on_layer=on_layer, start_layer=start, resume_hidden=hidden, resume_reference=reference))
         qweights.update(quantize_vocab(model, adapter, opts, final_hidden=final_hidden[0]))
