@@ -349,12 +349,13 @@ def _recording_mlp_residual(layer: nn.Module, adapter: ModelAdapter, into: list[
         handle.remove()
 
 
-def _residual_error(writer: str, adapter: ModelAdapter, input_error: torch.Tensor, mid_reference: torch.Tensor,
-                    mid_quantized: list[torch.Tensor]) -> Callable[[], torch.Tensor] | None:
-    """The residual error a writer's output joins, read when its input is observed: the layer inputs' for
-    o_proj, that of the residual entering the MLP (recorded moments before, in this forward) for down_proj."""
+def _residual_error(writer: str, adapter: ModelAdapter, input_reference: torch.Tensor, input_quantized: torch.Tensor,
+                    mid_reference: torch.Tensor, mid_quantized: list[torch.Tensor]) -> Callable[[], torch.Tensor] | None:
+    """The residual error a writer's output joins, computed only when its input is observed: the layer inputs'
+    for o_proj, that of the residual entering the MLP (recorded moments before, in this forward) for down_proj;
+    None for the other groups."""
     if writer == adapter.o_proj:
-        return lambda: input_error
+        return lambda: input_reference - input_quantized
     if writer == adapter.down_proj:
         return lambda: mid_reference - mid_quantized.pop()
     return None
@@ -415,7 +416,7 @@ def _gptq_layer_sequential(layer: nn.Module, adapter: ModelAdapter, spec: QuantS
             for b, h in enumerate(hidden):
                 for replay in replays:
                     replay.batch = b
-                error = (_residual_error(group[0], adapter, reference[b] - h, mid_reference[b], mid_quantized)
+                error = (_residual_error(group[0], adapter, reference[b], h, mid_reference[b], mid_quantized)
                          if residual_errors else None)
                 head.input_observer = _stopping_observer(moments,
                                                          kept[group[0]][b] if reference is not None else None,
